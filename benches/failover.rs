@@ -1,0 +1,112 @@
+//! Failover benchmark: kill cycles at 48 kHz with 64-frame blocks, timed from the kill.
+//!
+//! `cargo bench --bench failover` (AW_BENCH_CYCLES=N to change the default of 500 per mode).
+//! Prints, for hot standby, warm standby and no standby (a worker started cold after each
+//! kill: what a plain restart-on-failure supervisor gives), the distribution in microseconds
+//! of detection (kill -> pidfd readable), failover (kill -> the new primary holds the next
+//! block the output needs) and rebuild (kill -> replacement ready), plus underruns and the
+//! number of events slower than 10 ms.
+
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+use audiowarden::metrics::percentile;
+use audiowarden::sys::now_ns;
+use audiowarden::{Config, Event, OutputSpec, StandbyMode, Supervisor};
+
+struct Run {
+    detection: Vec<f64>,
+    failover: Vec<f64>,
+    rebuild: Vec<f64>,
+    underruns: u64,
+    realtime: bool,
+}
+
+fn wait_for<T>(rx: &Receiver<Event>, mut f: impl FnMut(&Event) -> Option<T>) -> T {
+    loop {
+        let e = rx.recv_timeout(Duration::from_secs(5)).expect("no event within 5 s");
+        if let Some(v) = f(&e) {
+            return v;
+        }
+    }
+}
+
+fn run(standby: StandbyMode, cycles: usize) -> Run {
+    let dir = format!("/dev/shm/aw-bench-{}", std::process::id());
+    let mut cfg = Config::default();
+    cfg.shm_dir = dir.clone().into();
+    cfg.output = OutputSpec::Virtual;
+    cfg.standby = standby;
+    cfg.worker_exe = Some(env!("CARGO_BIN_EXE_audiowardend").into());
+    let mut sup = Supervisor::start(cfg).expect("start supervisor");
+    let rx = sup.take_events().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let u0 = sup.metrics().underruns;
+    let mut r = Run { detection: vec![], failover: vec![], rebuild: vec![], underruns: 0, realtime: sup.metrics().realtime };
+    for _ in 0..cycles {
+        let victim = sup.metrics().primary_pid;
+        let t_kill = now_ns();
+        // SAFETY: kill(2) on the primary worker this supervisor spawned.
+        unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+        let mut failover = None;
+        let mut detected = None;
+        let rebuilt = wait_for(&rx, |e| match *e {
+            Event::WorkerDied { pid, detected_ns, .. } if pid == victim => {
+                detected = Some(detected_ns);
+                None
+            }
+            Event::Failover { old_pid, failover_ns, .. } if old_pid == victim => {
+                failover = Some(failover_ns);
+                None
+            }
+            Event::Replaced { ready_ns, .. } => Some(ready_ns),
+            _ => None,
+        });
+        // The failover may be reported after the rebuild (a cold start): wait for it.
+        let failover = failover.unwrap_or_else(|| {
+            wait_for(&rx, |e| match *e {
+                Event::Failover { old_pid, failover_ns, .. } if old_pid == victim => Some(failover_ns),
+                _ => None,
+            })
+        });
+        let us = |t: u64| t.saturating_sub(t_kill) as f64 / 1e3;
+        r.detection.push(us(detected.expect("death reported before replacement")));
+        r.failover.push(us(failover));
+        r.rebuild.push(us(rebuilt));
+        // Let the stream settle between kills (the dead ring drains in 8 blocks).
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    r.underruns = sup.metrics().underruns - u0;
+    sup.shutdown().ok();
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+fn row(name: &str, v: &mut [f64]) {
+    v.sort_by(f64::total_cmp);
+    let slow = v.iter().filter(|&&x| x > 10_000.0).count();
+    println!(
+        "  {name:<10} p50 {:>8.1}  p95 {:>8.1}  p99 {:>8.1}  max {:>9.1}  (>10 ms: {slow})",
+        percentile(v, 50.0),
+        percentile(v, 95.0),
+        percentile(v, 99.0),
+        percentile(v, 100.0)
+    );
+}
+
+fn main() {
+    // `cargo test` runs bench targets with --bench absent; only run when benchmarking.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let cycles: usize = std::env::var("AW_BENCH_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(500);
+    println!("failover benchmark: {cycles} SIGKILLs of the primary per mode, 48 kHz, 64-frame blocks, 8 blocks lookahead");
+    println!("times in microseconds from the kill");
+    for (name, mode) in [("hot standby", StandbyMode::Hot), ("warm standby", StandbyMode::Warm), ("no standby (cold restart baseline)", StandbyMode::None)] {
+        let mut r = run(mode, cycles);
+        println!("{name}: underruns {} (realtime: {})", r.underruns, r.realtime);
+        row("detection", &mut r.detection);
+        row("failover", &mut r.failover);
+        row("rebuild", &mut r.rebuild);
+    }
+}

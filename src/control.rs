@@ -1,0 +1,219 @@
+//! Control: validates a change, stamps it with a sequence number and the frame at which it
+//! takes effect, keeps it in a bounded history, and writes it to every running worker's
+//! control ring. Primary and hot standby therefore apply it at the same sample; a worker that
+//! starts from a handed-over state gets every later message replayed, and the engine drops
+//! what it has already applied, so nothing is lost or applied twice across a failover.
+//!
+//! This is the supervisor's internal control module; the public entry point is the D-Bus API.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use crate::engine::{ControlKind, ControlMsg, EngineState};
+use crate::shm::control::ControlRing;
+use crate::supervisor::{Shared, WorkerShm};
+
+/// Messages kept for replay. Only messages not yet covered by every live state are ever
+/// needed (a few lookahead periods' worth); the bound keeps memory flat under a flood.
+const HISTORY: usize = 16_384;
+
+/// A rejected control value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ControlError {
+    #[error("frequency must be a finite number of Hz with 0 < f < {nyquist} (the Nyquist frequency at {sample_rate} Hz), got {value}")]
+    InvalidFrequency { value: f64, nyquist: f64, sample_rate: u32 },
+    #[error("gain must be a finite linear gain with 0 <= g <= 1, got {value}")]
+    InvalidGain { value: f64 },
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+pub fn validate_frequency(hz: f64, sample_rate: u32) -> Result<(), ControlError> {
+    let nyquist = sample_rate as f64 / 2.0;
+    if hz.is_finite() && hz > 0.0 && hz < nyquist {
+        Ok(())
+    } else {
+        Err(ControlError::InvalidFrequency { value: hz, nyquist, sample_rate })
+    }
+}
+
+pub fn validate_gain(g: f64) -> Result<(), ControlError> {
+    if g.is_finite() && (0.0..=1.0).contains(&g) {
+        Ok(())
+    } else {
+        Err(ControlError::InvalidGain { value: g })
+    }
+}
+
+/// What an accepted change was stamped with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stamp {
+    pub seq: u64,
+    /// First affected frame.
+    pub apply_at: u64,
+    /// Frames between the output position at the call and `apply_at`.
+    pub latency_frames: u64,
+    pub msg: ControlMsg,
+}
+
+pub(crate) struct Target {
+    pub worker_id: u64,
+    pub ctl: Arc<ControlRing>,
+    pub shm: Arc<WorkerShm>,
+}
+
+pub(crate) struct ControlState {
+    next_seq: u64,
+    history: VecDeque<ControlMsg>,
+    targets: Vec<Target>,
+    frequency: f64,
+    gain: f64,
+    stopping: bool,
+}
+
+/// The supervisor's control core, shared by the control entry points and the monitor.
+pub(crate) struct ControlCore {
+    state: Mutex<ControlState>,
+}
+
+impl ControlCore {
+    pub(crate) fn new(frequency: f64, gain: f64) -> ControlCore {
+        ControlCore {
+            state: Mutex::new(ControlState {
+                next_seq: 1,
+                history: VecDeque::with_capacity(HISTORY),
+                targets: Vec::new(),
+                frequency,
+                gain,
+                stopping: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        // A panic while holding this lock cannot leave the state half-updated in a way that
+        // matters more than stopping control altogether would.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts `target`'s worker rendering from a state chosen under the control lock, replays
+    /// every later message into its control ring and adds it to the broadcast list. No
+    /// message can be stamped between the state read and the registration.
+    /// Returns None (and starts nothing) if `choose` has no state to offer.
+    pub(crate) fn start_worker(
+        &self,
+        target: Target,
+        choose: impl FnOnce() -> Option<(u64, EngineState)>,
+        read_index: u64,
+    ) -> Option<(u64, EngineState)> {
+        let mut st = self.lock();
+        let (base, state) = choose()?;
+        target.shm.ring.command_run(base, &state, read_index);
+        for m in st.history.iter().filter(|m| m.seq > state.last_seq) {
+            target.ctl.push(*m);
+        }
+        target.shm.wake.notify();
+        st.targets.retain(|t| t.worker_id != target.worker_id);
+        st.targets.push(target);
+        Some((base, state))
+    }
+
+    pub(crate) fn remove_target(&self, worker_id: u64) {
+        self.lock().targets.retain(|t| t.worker_id != worker_id);
+    }
+
+    pub(crate) fn stop(&self) {
+        let mut st = self.lock();
+        st.stopping = true;
+        st.targets.clear();
+    }
+
+    /// Current targets (the last accepted values).
+    pub(crate) fn params(&self) -> (f64, f64) {
+        let st = self.lock();
+        (st.frequency, st.gain)
+    }
+}
+
+/// A handle to change the engine's parameters. Cheap to clone; usable from any thread.
+#[derive(Clone)]
+pub struct Control {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Control {
+    /// Sets the tone frequency. The change glides phase-continuously over 5 ms from its
+    /// stamped frame.
+    ///
+    /// # Errors
+    /// [`ControlError::InvalidFrequency`] (naming the valid range) for NaN, infinite, <= 0 or
+    /// >= Nyquist; nothing changes.
+    pub fn set_frequency(&self, hz: f64) -> Result<Stamp, ControlError> {
+        if let Err(e) = validate_frequency(hz, self.shared.config.sample_rate) {
+            self.shared.metrics.control_rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        self.submit(ControlKind::SetFrequency, hz)
+    }
+
+    /// Sets the linear gain; ramps over 5 ms from its stamped frame.
+    ///
+    /// # Errors
+    /// [`ControlError::InvalidGain`] (naming the valid range) for NaN, infinite, < 0 or > 1.
+    pub fn set_gain(&self, gain: f64) -> Result<Stamp, ControlError> {
+        if let Err(e) = validate_gain(gain) {
+            self.shared.metrics.control_rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        self.submit(ControlKind::SetGain, gain)
+    }
+
+    /// The last accepted frequency (what the stream plays once its ramp is done).
+    pub fn frequency(&self) -> f64 {
+        self.shared.control.params().0
+    }
+
+    pub fn gain(&self) -> f64 {
+        self.shared.control.params().1
+    }
+
+    fn submit(&self, kind: ControlKind, value: f64) -> Result<Stamp, ControlError> {
+        let sh = &self.shared;
+        let bf = sh.config.block_frames as u64;
+        let mut st = sh.control.lock();
+        if st.stopping {
+            return Err(ControlError::ShuttingDown);
+        }
+        // Stamp beyond anything a worker may have rendered: workers stay within `lookahead`
+        // blocks of the output position; two more blocks absorb the time until delivery.
+        let pos = sh.position.load(Ordering::Acquire);
+        let apply_at = (pos + sh.config.lookahead_blocks as u64 + 2) * bf;
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let msg = ControlMsg::new(seq, apply_at, kind, value);
+        if st.history.len() == HISTORY {
+            st.history.pop_front();
+        }
+        st.history.push_back(msg);
+        for t in &st.targets {
+            if !t.ctl.push(msg) {
+                sh.metrics.control_undelivered.fetch_add(1, Ordering::Relaxed);
+            }
+            t.shm.wake.notify();
+        }
+        match kind {
+            ControlKind::SetFrequency => st.frequency = value,
+            ControlKind::SetGain => st.gain = value,
+        }
+        drop(st);
+        sh.metrics.control_received.fetch_add(1, Ordering::Relaxed);
+        // Latency from "now" (output position plus the time since its last period began) to
+        // the first affected frame.
+        let since = crate::sys::now_ns().saturating_sub(sh.last_period_ns.load(Ordering::Relaxed));
+        let now_frame = pos * bf + (since.min(sh.config.block_ns()) * sh.config.sample_rate as u64 / 1_000_000_000);
+        let latency_frames = apply_at.saturating_sub(now_frame);
+        sh.metrics.record(|w| w.control_latency_samples.push(latency_frames as f64));
+        Ok(Stamp { seq, apply_at, latency_frames, msg })
+    }
+}

@@ -1,0 +1,361 @@
+//! The audio engine: a stereo sine oscillator with smoothed frequency and gain.
+//!
+//! Determinism is the whole point. The output at a frame depends only on the [`EngineState`] at
+//! the start of its block and on the control messages due since, so a standby handed the state
+//! at the end of the primary's last committed block continues bit-exactly (same binary, IEEE
+//! arithmetic without contraction, the same libm `sin`). The same code renders the crash-free
+//! reference in the tests.
+//!
+//! Runs on the worker's render thread: after [`Engine::new`] nothing here allocates, locks,
+//! logs or blocks.
+
+/// Stereo, interleaved.
+pub const CHANNELS: usize = 2;
+
+/// Capacity of the engine's queue of received but not yet due control messages.
+pub const PENDING_CAPACITY: usize = 1024;
+
+/// Engine state at a block boundary, as committed with every block into the audio ring
+/// (shared memory, hence `repr(C)` and only plain numbers).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineState {
+    /// Index of the next frame to render (= frames rendered since the stream began).
+    pub frame: u64,
+    /// Oscillator phase in cycles, in [0, 1).
+    pub phase: f64,
+    pub freq: f64,
+    pub freq_target: f64,
+    /// Frames left in the current frequency glide.
+    pub freq_ramp_left: u64,
+    pub gain: f64,
+    pub gain_target: f64,
+    pub gain_ramp_left: u64,
+    /// Sequence number of the last control message applied (0: none).
+    pub last_seq: u64,
+    /// Checksum over the fields above: a torn or garbage state from a dying worker fails it.
+    pub check: u64,
+}
+
+impl EngineState {
+    /// The state at frame 0: the tone fades in over one ramp so the stream starts without a click.
+    pub fn initial(freq: f64, gain: f64, ramp_frames: u64) -> EngineState {
+        let mut s = EngineState {
+            frame: 0,
+            phase: 0.0,
+            freq,
+            freq_target: freq,
+            freq_ramp_left: 0,
+            gain: 0.0,
+            gain_target: gain,
+            gain_ramp_left: ramp_frames,
+            last_seq: 0,
+            check: 0,
+        };
+        s.seal();
+        s
+    }
+
+    fn checksum(&self) -> u64 {
+        // FNV-1a over the raw bits: cheap, and any torn write changes it.
+        let words = [
+            self.frame,
+            self.phase.to_bits(),
+            self.freq.to_bits(),
+            self.freq_target.to_bits(),
+            self.freq_ramp_left,
+            self.gain.to_bits(),
+            self.gain_target.to_bits(),
+            self.gain_ramp_left,
+            self.last_seq,
+        ];
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for w in words {
+            h ^= w;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    }
+
+    /// Stores the checksum; call after the last change, before publishing.
+    pub fn seal(&mut self) {
+        self.check = self.checksum();
+    }
+
+    /// True if this state is internally consistent and within the ranges the engine can produce.
+    /// Anything read from a worker's memory goes through this before it is trusted.
+    pub fn is_valid(&self, sample_rate: u32) -> bool {
+        let nyquist = sample_rate as f64 / 2.0;
+        let freq_ok = |f: f64| f.is_finite() && f > 0.0 && f < nyquist;
+        let gain_ok = |g: f64| g.is_finite() && (0.0..=1.0).contains(&g);
+        self.check == self.checksum()
+            && self.phase.is_finite()
+            && (0.0..1.0).contains(&self.phase)
+            && freq_ok(self.freq)
+            && freq_ok(self.freq_target)
+            && gain_ok(self.gain)
+            && gain_ok(self.gain_target)
+            && self.freq_ramp_left <= sample_rate as u64
+            && self.gain_ramp_left <= sample_rate as u64
+    }
+}
+
+/// What a control message changes.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlKind {
+    SetFrequency = 1,
+    SetGain = 2,
+}
+
+/// One control message, as it travels through a worker's control ring (shared memory).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ControlMsg {
+    /// Dense, starting at 1: message n is the n-th change the supervisor accepted.
+    pub seq: u64,
+    /// The frame at which it takes effect (the first affected sample).
+    pub apply_at: u64,
+    /// A [`ControlKind`] as u32 (kept raw so garbage cannot form an invalid enum).
+    pub kind: u32,
+    pub _pad: u32,
+    pub value: f64,
+}
+
+impl ControlMsg {
+    pub fn new(seq: u64, apply_at: u64, kind: ControlKind, value: f64) -> ControlMsg {
+        ControlMsg { seq, apply_at, kind: kind as u32, _pad: 0, value }
+    }
+}
+
+/// Counters the engine keeps about control messages (read by the worker, exported in its ring).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ControlStats {
+    /// Applied after their stamped frame (should stay 0: it means the stamp margin was too small).
+    pub late: u64,
+    /// Dropped because their sequence number was already applied (replays after a handoff).
+    pub duplicates: u64,
+}
+
+/// The oscillator plus its queue of pending control messages.
+pub struct Engine {
+    state: EngineState,
+    sample_rate: f64,
+    ramp_frames: u64,
+    pending: Box<[ControlMsg]>,
+    pending_head: usize,
+    pending_len: usize,
+    pub stats: ControlStats,
+}
+
+/// Length of the frequency glide and the gain ramp: 5 ms, long enough to be click-free,
+/// short enough to feel immediate.
+pub fn ramp_frames(sample_rate: u32) -> u64 {
+    (sample_rate / 200).max(1) as u64
+}
+
+impl Engine {
+    /// Allocates the pending queue; nothing allocates after this.
+    pub fn new(sample_rate: u32, state: EngineState) -> Engine {
+        Engine {
+            state,
+            sample_rate: sample_rate as f64,
+            ramp_frames: ramp_frames(sample_rate),
+            pending: vec![ControlMsg::new(0, 0, ControlKind::SetGain, 0.0); PENDING_CAPACITY].into_boxed_slice(),
+            pending_head: 0,
+            pending_len: 0,
+            stats: ControlStats::default(),
+        }
+    }
+
+    pub fn state(&self) -> &EngineState {
+        &self.state
+    }
+
+    /// Replaces the state (a standby taking over) and drops pending messages it already covers.
+    pub fn set_state(&mut self, state: EngineState) {
+        self.state = state;
+        while let Some(m) = self.front() {
+            if m.seq > self.state.last_seq {
+                break;
+            }
+            self.pop();
+        }
+    }
+
+    /// True if another message fits in the pending queue.
+    pub fn can_accept(&self) -> bool {
+        self.pending_len < self.pending.len()
+    }
+
+    /// Queues a message received from the control ring. Messages already applied (a replay
+    /// after a handoff) are dropped here, so nothing is applied twice. Returns false when full.
+    pub fn enqueue(&mut self, msg: ControlMsg) -> bool {
+        let newest = if self.pending_len > 0 {
+            self.pending[(self.pending_head + self.pending_len - 1) % self.pending.len()].seq
+        } else {
+            self.state.last_seq
+        };
+        if msg.seq <= newest {
+            self.stats.duplicates += 1;
+            return true;
+        }
+        if !self.can_accept() {
+            return false;
+        }
+        let i = (self.pending_head + self.pending_len) % self.pending.len();
+        self.pending[i] = msg;
+        self.pending_len += 1;
+        true
+    }
+
+    fn front(&self) -> Option<ControlMsg> {
+        (self.pending_len > 0).then(|| self.pending[self.pending_head])
+    }
+
+    fn pop(&mut self) {
+        self.pending_head = (self.pending_head + 1) % self.pending.len();
+        self.pending_len -= 1;
+    }
+
+    fn apply(&mut self, m: ControlMsg) {
+        let s = &mut self.state;
+        if m.kind == ControlKind::SetFrequency as u32 {
+            s.freq_target = m.value;
+            s.freq_ramp_left = self.ramp_frames;
+        } else if m.kind == ControlKind::SetGain as u32 {
+            s.gain_target = m.value;
+            s.gain_ramp_left = self.ramp_frames;
+        }
+        s.last_seq = m.seq;
+    }
+
+    /// Renders `out.len() / CHANNELS` frames, applying each pending message exactly at its
+    /// stamped frame, and seals the state at the end of the block.
+    pub fn render(&mut self, out: &mut [f32]) {
+        let step = 1.0 / self.sample_rate;
+        for frame in out.chunks_exact_mut(CHANNELS) {
+            while let Some(m) = self.front() {
+                if m.apply_at > self.state.frame {
+                    break;
+                }
+                if m.apply_at < self.state.frame {
+                    self.stats.late += 1;
+                }
+                self.pop();
+                self.apply(m);
+            }
+            let s = &mut self.state;
+            if s.freq_ramp_left > 0 {
+                s.freq += (s.freq_target - s.freq) / s.freq_ramp_left as f64;
+                s.freq_ramp_left -= 1;
+            }
+            if s.gain_ramp_left > 0 {
+                s.gain += (s.gain_target - s.gain) / s.gain_ramp_left as f64;
+                s.gain_ramp_left -= 1;
+            }
+            let v = ((s.phase * std::f64::consts::TAU).sin() * s.gain) as f32;
+            frame[0] = v;
+            frame[1] = v;
+            s.phase += s.freq * step;
+            if s.phase >= 1.0 {
+                s.phase -= 1.0;
+            }
+            s.frame += 1;
+        }
+        self.state.seal();
+    }
+}
+
+/// Renders `frames` frames from the initial state with `msgs` applied at their stamps: the
+/// crash-free reference the tests compare a captured stream with.
+pub fn render_reference(sample_rate: u32, freq: f64, gain: f64, msgs: &[ControlMsg], frames: usize, block: usize) -> Vec<f32> {
+    let mut e = Engine::new(sample_rate, EngineState::initial(freq, gain, ramp_frames(sample_rate)));
+    let mut out = vec![0.0f32; frames * CHANNELS];
+    let mut next = 0;
+    for chunk in out.chunks_mut(block * CHANNELS) {
+        // Deliver messages the way a worker sees them: before the block they fall in.
+        let block_end = e.state().frame + (chunk.len() / CHANNELS) as u64;
+        while next < msgs.len() && msgs[next].apply_at < block_end && e.can_accept() {
+            e.enqueue(msgs[next]);
+            next += 1;
+        }
+        e.render(chunk);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_rendering_matches_continuous_rendering_bit_exactly() {
+        let sr = 48_000;
+        let msgs = [
+            ControlMsg::new(1, 1000, ControlKind::SetFrequency, 880.0),
+            ControlMsg::new(2, 1500, ControlKind::SetGain, 0.1),
+        ];
+        let reference = render_reference(sr, 440.0, 0.5, &msgs, 4096, 64);
+
+        // Hand the state over at every block boundary to a fresh engine, as a standby would.
+        let mut out = Vec::new();
+        let mut state = EngineState::initial(440.0, 0.5, ramp_frames(sr));
+        let mut next = 0;
+        for _ in 0..64 {
+            let mut e = Engine::new(sr, state);
+            for m in &msgs[next..] {
+                if m.seq > state.last_seq {
+                    e.enqueue(*m);
+                }
+            }
+            let mut block = [0.0f32; 128];
+            e.render(&mut block);
+            state = *e.state();
+            assert!(state.is_valid(sr));
+            next = msgs.iter().take_while(|m| m.seq <= state.last_seq).count();
+            out.extend_from_slice(&block);
+        }
+        assert_eq!(out.len(), reference.len());
+        assert!(out.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn message_applies_at_its_stamped_frame_and_once() {
+        let sr = 48_000;
+        let mut e = Engine::new(sr, EngineState::initial(440.0, 0.5, ramp_frames(sr)));
+        let m = ControlMsg::new(1, 100, ControlKind::SetGain, 0.0);
+        assert!(e.enqueue(m));
+        assert!(e.enqueue(m)); // duplicate: dropped
+        assert_eq!(e.stats.duplicates, 1);
+        let mut block = [0.0f32; 2 * 100]; // frames 0..=99
+        e.render(&mut block);
+        assert_eq!(e.state().last_seq, 0);
+        let mut one = [0.0f32; 2];
+        e.render(&mut one);
+        assert_eq!(e.state().last_seq, 1);
+        assert_eq!(e.stats.late, 0);
+    }
+
+    #[test]
+    fn garbage_state_is_rejected() {
+        let sr = 48_000;
+        let mut s = EngineState::initial(440.0, 0.5, ramp_frames(sr));
+        assert!(s.is_valid(sr));
+        s.freq = f64::NAN;
+        assert!(!s.is_valid(sr));
+        let mut s = EngineState::initial(440.0, 0.5, ramp_frames(sr));
+        s.frame += 1; // torn: checksum no longer matches
+        assert!(!s.is_valid(sr));
+    }
+
+    #[test]
+    fn gain_ramp_has_no_jump() {
+        let sr = 48_000;
+        let msgs = [ControlMsg::new(1, 480, ControlKind::SetGain, 1.0)];
+        let out = render_reference(sr, 1000.0, 0.0, &msgs, 2048, 64);
+        // A 1 kHz sine moves at most 2*pi*1000/48000 ~ 0.131 per sample at full scale.
+        let max_step = out.chunks(2).zip(out.chunks(2).skip(1)).map(|(a, b)| (a[0] - b[0]).abs()).fold(0.0, f32::max);
+        assert!(max_step < 0.14, "click: step {max_step}");
+    }
+}

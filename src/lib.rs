@@ -1,0 +1,22 @@
+//! audiowarden: a Linux audio service whose audio never stops.
+//!
+//! The supervisor ([`supervisor`]) owns the output ([`output`]) and runs the audio
+//! [`engine`] in worker processes ([`worker`]) that render ahead into shared memory
+//! ([`shm`]). A worker's death is noticed through its pidfd (or a stalled heartbeat) and a
+//! pre-warmed standby continues the stream sample-exactly. Changes arrive through
+//! [`control`]; everything is measured in [`metrics`].
+
+pub mod config;
+pub mod control;
+pub mod engine;
+pub mod metrics;
+pub mod output;
+pub mod shm;
+pub mod supervisor;
+pub mod sys;
+pub mod worker;
+
+pub use config::{Config, OutputSpec, StandbyMode};
+pub use control::{Control, ControlError, Stamp};
+pub use metrics::MetricsSnapshot;
+pub use supervisor::{Event, StartError, Supervisor};

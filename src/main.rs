@@ -1,0 +1,90 @@
+//! `audiowardend`: the supervisor daemon, or (with `--worker`, internal) a worker process.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use audiowarden::{Config, Supervisor};
+use clap::Parser;
+
+/// Exit codes a unit file can name (e.g. in RestartPreventExitStatus=).
+const EXIT_CONFIG: u8 = 2;
+const EXIT_START: u8 = 3;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--worker") {
+        // The worker role: no logging framework, no clap; it must stay small.
+        return ExitCode::from(audiowarden::worker::main(&args[2..]) as u8);
+    }
+    let config = Config::parse();
+    init_logging();
+    if let Err(e) = config.validate() {
+        tracing::error!("{e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    // Signals are taken synchronously by this thread; every thread started later inherits
+    // the mask (workers get a clean mask at spawn).
+    let sigs = block_signals();
+    let sup = match Supervisor::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    let summary_every = Duration::from_secs(10);
+    loop {
+        if let Some(sig) = wait_signal(&sigs, summary_every) {
+            tracing::info!("signal {sig}: stopping");
+            break;
+        }
+        let m = sup.metrics();
+        tracing::info!(
+            "playing {:.1} Hz gain {:.2}; primary {} spare {} ({}); crashes {} replacements {}; failover p99 {:.3} ms; underruns {}; shm leaks {}; cpu {:.1}%",
+            sup.control().frequency(),
+            sup.control().gain(),
+            m.primary_pid,
+            m.spare_pid,
+            if m.spare_ready { "ready" } else { "not ready" },
+            m.crash_count,
+            m.replacements,
+            m.failover_time_ms.p99,
+            m.underruns,
+            m.shm_leaks,
+            m.cpu_percent
+        );
+    }
+    match sup.shutdown() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("stopping: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; pthread_sigmask on the
+    // calling thread with a valid set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Waits up to `timeout` for one of the blocked signals; returns it if one came.
+fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
+    // SAFETY: a valid set and timespec; no siginfo requested.
+    let r = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    (r > 0).then_some(r)
+}

@@ -1,0 +1,185 @@
+//! Metrics: counters and gauges in atomics (the output thread only ever touches these), and
+//! duration distributions over rolling windows, fed by the monitor and control threads.
+
+pub mod window;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+pub use window::{percentile, RollingWindow, Summary};
+
+/// Samples kept per distribution.
+const WINDOW: usize = 1024;
+
+/// Live metrics, shared by every thread of the supervisor.
+pub struct Metrics {
+    pub crash_count: AtomicU64,
+    pub replacements: AtomicU64,
+    pub spare_ready: AtomicBool,
+    pub shm_leaks: AtomicU64,
+    pub stale_segments_reclaimed: AtomicU64,
+    pub hang_kills: AtomicU64,
+    pub state_resyncs: AtomicU64,
+    /// Output thread: periods in which no ring held the block the output needed.
+    pub underruns: AtomicU64,
+    pub frames_played: AtomicU64,
+    /// Output thread: sequence number of the last control message in the played stream.
+    pub control_applied: AtomicU64,
+    pub control_received: AtomicU64,
+    pub control_rejected: AtomicU64,
+    /// Deliveries that found a worker's control ring full (the worker gets a replay later).
+    pub control_undelivered: AtomicU64,
+    /// Highest count of messages a worker applied after their stamped frame (should stay 0).
+    pub control_late: AtomicU64,
+    pub primary_pid: AtomicU32,
+    pub spare_pid: AtomicU32,
+    pub output_realtime: AtomicBool,
+    pub monitor_realtime: AtomicBool,
+    pub worker_realtime: AtomicBool,
+    /// f64 bits.
+    pub cpu_percent: AtomicU64,
+    pub(crate) windows: Mutex<Windows>,
+}
+
+pub(crate) struct Windows {
+    pub detection_ms: RollingWindow,
+    pub failover_ms: RollingWindow,
+    pub rebuild_ms: RollingWindow,
+    pub control_latency_samples: RollingWindow,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            crash_count: AtomicU64::new(0),
+            replacements: AtomicU64::new(0),
+            spare_ready: AtomicBool::new(false),
+            shm_leaks: AtomicU64::new(0),
+            stale_segments_reclaimed: AtomicU64::new(0),
+            hang_kills: AtomicU64::new(0),
+            state_resyncs: AtomicU64::new(0),
+            underruns: AtomicU64::new(0),
+            frames_played: AtomicU64::new(0),
+            control_applied: AtomicU64::new(0),
+            control_received: AtomicU64::new(0),
+            control_rejected: AtomicU64::new(0),
+            control_undelivered: AtomicU64::new(0),
+            control_late: AtomicU64::new(0),
+            primary_pid: AtomicU32::new(0),
+            spare_pid: AtomicU32::new(0),
+            output_realtime: AtomicBool::new(false),
+            monitor_realtime: AtomicBool::new(false),
+            worker_realtime: AtomicBool::new(false),
+            cpu_percent: AtomicU64::new(0),
+            windows: Mutex::new(Windows {
+                detection_ms: RollingWindow::new(WINDOW),
+                failover_ms: RollingWindow::new(WINDOW),
+                rebuild_ms: RollingWindow::new(WINDOW),
+                control_latency_samples: RollingWindow::new(WINDOW),
+            }),
+        }
+    }
+}
+
+/// A consistent-enough copy of every metric, for tests, logs and (later) D-Bus.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsSnapshot {
+    pub crash_count: u64,
+    pub replacements: u64,
+    pub spare_ready: bool,
+    pub shm_leaks: u64,
+    pub stale_segments_reclaimed: u64,
+    pub hang_kills: u64,
+    pub state_resyncs: u64,
+    pub detection_time_ms: Dist,
+    pub failover_time_ms: Dist,
+    pub rebuild_time_ms: Dist,
+    pub underruns: u64,
+    pub frames_played: u64,
+    pub control_received: u64,
+    pub control_applied: u64,
+    pub control_rejected: u64,
+    pub control_undelivered: u64,
+    pub control_late: u64,
+    pub control_latency_p95_samples: u64,
+    pub control_latency_p99_samples: u64,
+    pub primary_pid: u32,
+    pub spare_pid: u32,
+    pub realtime: bool,
+    pub cpu_percent: f64,
+    pub sample_rate: u32,
+    pub uptime_s: f64,
+}
+
+/// A distribution over the rolling window: last value, percentiles, max, count ever.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Dist {
+    pub last: f64,
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub count: u64,
+}
+
+impl From<Summary> for Dist {
+    fn from(s: Summary) -> Dist {
+        Dist { last: s.last, p50: s.p50, p95: s.p95, p99: s.p99, max: s.max, count: s.count }
+    }
+}
+
+impl Metrics {
+    pub(crate) fn record(&self, f: impl FnOnce(&mut Windows)) {
+        if let Ok(mut w) = self.windows.lock() {
+            f(&mut w);
+        }
+    }
+
+    pub(crate) fn set_cpu_percent(&self, v: f64) {
+        self.cpu_percent.store(v.to_bits(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, sample_rate: u32, uptime_s: f64) -> MetricsSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (det, fo, rb, lat) = match self.windows.lock() {
+            Ok(w) => (
+                w.detection_ms.summary(),
+                w.failover_ms.summary(),
+                w.rebuild_ms.summary(),
+                w.control_latency_samples.summary(),
+            ),
+            Err(_) => Default::default(),
+        };
+        MetricsSnapshot {
+            crash_count: r(&self.crash_count),
+            replacements: r(&self.replacements),
+            spare_ready: self.spare_ready.load(Ordering::Relaxed),
+            shm_leaks: r(&self.shm_leaks),
+            stale_segments_reclaimed: r(&self.stale_segments_reclaimed),
+            hang_kills: r(&self.hang_kills),
+            state_resyncs: r(&self.state_resyncs),
+            detection_time_ms: det.into(),
+            failover_time_ms: fo.into(),
+            rebuild_time_ms: rb.into(),
+            underruns: r(&self.underruns),
+            frames_played: r(&self.frames_played),
+            control_received: r(&self.control_received),
+            control_applied: r(&self.control_applied),
+            control_rejected: r(&self.control_rejected),
+            control_undelivered: r(&self.control_undelivered),
+            control_late: r(&self.control_late),
+            control_latency_p95_samples: lat.p95 as u64,
+            control_latency_p99_samples: lat.p99 as u64,
+            primary_pid: self.primary_pid.load(Ordering::Relaxed),
+            spare_pid: self.spare_pid.load(Ordering::Relaxed),
+            realtime: self.output_realtime.load(Ordering::Relaxed)
+                && self.monitor_realtime.load(Ordering::Relaxed)
+                && self.worker_realtime.load(Ordering::Relaxed),
+            cpu_percent: f64::from_bits(self.cpu_percent.load(Ordering::Relaxed)),
+            sample_rate,
+            uptime_s,
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! The per-worker audio ring: single producer (the worker's render loop), single consumer (the
+//! supervisor's output thread), in one shared-memory segment.
+//!
+//! ```text
+//! header (cache-line separated fields)          slots[block % slots]
+//!   geometry (written once by the supervisor)     EngineState at the end of the block
+//!   command + handoff   supervisor -> worker      block_frames * 2 f32 samples
+//!   read_index          output thread -> worker
+//!   write_index         worker -> supervisor (also the heartbeat)
+//!   status              worker -> supervisor
+//! ```
+//!
+//! Block numbers are global stream positions (block `b` holds frames `b*B .. (b+1)*B`), so
+//! every worker's ring agrees on what block `b` is, and any ring holding a valid block `b` can
+//! be played for it: that is what makes failover a ring switch.
+//!
+//! Ordering: the worker fills a slot, then publishes it with a Release store of `write_index`;
+//! the reader's Acquire load of `write_index` makes the slot's contents visible. The reader
+//! publishes consumption with a Release store of `read_index`; the worker's Acquire load of it
+//! lets it reuse those slots. A slot is only rewritten once `read_index` has passed it.
+
+use std::cell::UnsafeCell;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use super::{cache_align, Mapping, LAYOUT_VERSION, MAGIC_AUDIO};
+use crate::engine::{EngineState, CHANNELS};
+
+/// Command modes (low byte of `command`; the rest is a generation counter so a worker notices
+/// every new command even if the mode is the same).
+pub const MODE_IDLE: u64 = 0;
+pub const MODE_RUN: u64 = 1;
+
+#[repr(C, align(64))]
+struct Line<T>(T);
+
+#[repr(C)]
+struct Handoff {
+    base: u64,
+    state: EngineState,
+}
+
+#[repr(C)]
+struct Status {
+    ready: AtomicU32,
+    realtime: AtomicU32,
+    pid: AtomicU32,
+    _pad: u32,
+    late: AtomicU64,
+    duplicates: AtomicU64,
+}
+
+#[repr(C)]
+struct Header {
+    magic: u64,
+    version: u32,
+    block_frames: u32,
+    slots: u32,
+    slot_stride: u32,
+    sample_rate: u32,
+    channels: u32,
+    command: Line<AtomicU64>,
+    handoff: Line<UnsafeCell<Handoff>>,
+    read_index: Line<AtomicU64>,
+    write_index: Line<AtomicU64>,
+    status: Line<Status>,
+}
+
+const STATE_BYTES: usize = std::mem::size_of::<EngineState>();
+
+/// Geometry of a ring. The supervisor keeps its own copy and never re-reads it from shared
+/// memory, which a worker could have scribbled over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingGeometry {
+    pub block_frames: u32,
+    pub slots: u32,
+    pub sample_rate: u32,
+}
+
+impl RingGeometry {
+    fn slot_stride(&self) -> usize {
+        cache_align(STATE_BYTES + self.block_frames as usize * CHANNELS * 4)
+    }
+
+    fn header_size() -> usize {
+        cache_align(std::mem::size_of::<Header>())
+    }
+
+    /// Bytes the segment needs.
+    pub fn segment_size(&self) -> u64 {
+        (Self::header_size() + self.slots as usize * self.slot_stride()) as u64
+    }
+
+    pub fn samples_per_block(&self) -> usize {
+        self.block_frames as usize * CHANNELS
+    }
+}
+
+/// A mapped audio ring.
+pub struct AudioRing {
+    map: Mapping,
+    geo: RingGeometry,
+}
+
+// SAFETY: all shared fields are atomics or are accessed through raw pointers under the
+// SPSC protocol described in the module docs; the mapping itself is process-wide.
+unsafe impl Send for AudioRing {}
+// SAFETY: as above; `&AudioRing` methods never hand out references to non-atomic shared data.
+unsafe impl Sync for AudioRing {}
+
+impl AudioRing {
+    /// Supervisor side: maps a freshly created (zeroed) segment and writes its header.
+    pub fn create(file: &File, geo: RingGeometry) -> io::Result<AudioRing> {
+        let map = Mapping::new(file)?;
+        if (map.len() as u64) < geo.segment_size() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "segment smaller than the ring layout"));
+        }
+        let ring = AudioRing { map, geo };
+        // SAFETY: the mapping is at least header-sized (checked above), page-aligned, and no
+        // worker has it yet, so these plain writes race with nobody.
+        unsafe {
+            let h = ring.map.ptr().cast::<Header>();
+            (*h).block_frames = geo.block_frames;
+            (*h).slots = geo.slots;
+            (*h).slot_stride = geo.slot_stride() as u32;
+            (*h).sample_rate = geo.sample_rate;
+            (*h).channels = CHANNELS as u32;
+            (*h).version = LAYOUT_VERSION;
+            (*h).magic = MAGIC_AUDIO;
+        }
+        ring.map.lock().ok();
+        Ok(ring)
+    }
+
+    /// Worker side: maps an inherited segment and validates its header.
+    pub fn attach(file: &File) -> io::Result<AudioRing> {
+        let map = Mapping::new(file)?;
+        let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+        if map.len() < RingGeometry::header_size() {
+            return Err(bad("audio ring segment too small"));
+        }
+        // SAFETY: the mapping holds at least a header; the supervisor wrote it before exec.
+        let (magic, version, geo, stride, channels) = unsafe {
+            let h = map.ptr().cast::<Header>();
+            (
+                (*h).magic,
+                (*h).version,
+                RingGeometry { block_frames: (*h).block_frames, slots: (*h).slots, sample_rate: (*h).sample_rate },
+                (*h).slot_stride,
+                (*h).channels,
+            )
+        };
+        if magic != MAGIC_AUDIO || version != LAYOUT_VERSION {
+            return Err(bad("not an audiowarden audio ring of this version"));
+        }
+        if channels as usize != CHANNELS
+            || geo.block_frames == 0
+            || geo.slots == 0
+            || stride as usize != geo.slot_stride()
+            || (map.len() as u64) < geo.segment_size()
+        {
+            return Err(bad("audio ring geometry does not match its segment"));
+        }
+        Ok(AudioRing { map, geo })
+    }
+
+    pub fn geometry(&self) -> RingGeometry {
+        self.geo
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping is at least header-sized and lives as long as `self`; fields
+        // shared across processes are atomics or UnsafeCell.
+        unsafe { &*self.map.ptr().cast::<Header>() }
+    }
+
+    fn slot_ptr(&self, block: u64) -> *mut u8 {
+        let i = (block % self.geo.slots as u64) as usize;
+        // SAFETY: i < slots, and the mapping holds header + slots * stride bytes (checked at
+        // create/attach), so the offset stays inside the mapping.
+        unsafe { self.map.ptr().add(RingGeometry::header_size() + i * self.geo.slot_stride()) }
+    }
+
+    /// Pins the whole ring in memory (faulting it in).
+    pub fn lock(&self) -> io::Result<()> {
+        self.map.lock()
+    }
+
+    // ---- indices -------------------------------------------------------------------------
+
+    /// One past the newest committed block (Acquire: the slots below it are readable).
+    pub fn write_index(&self) -> u64 {
+        self.header().write_index.0.load(Ordering::Acquire)
+    }
+
+    pub fn read_index(&self) -> u64 {
+        self.header().read_index.0.load(Ordering::Acquire)
+    }
+
+    /// Output thread: everything below `index` has been consumed.
+    pub fn set_read_index(&self, index: u64) {
+        self.header().read_index.0.store(index, Ordering::Release);
+    }
+
+    /// How many more blocks the writer may commit right now.
+    pub fn space(&self) -> u64 {
+        (self.read_index() + self.geo.slots as u64).saturating_sub(self.write_index())
+    }
+
+    // ---- commands (supervisor -> worker) -----------------------------------------------------
+
+    /// Supervisor: start (or restart) rendering at block `base` from `state`. Call only while
+    /// the worker is idle or freshly spawned, never while it renders.
+    pub fn command_run(&self, base: u64, state: &EngineState, read_index: u64) {
+        let h = self.header();
+        // SAFETY: the worker reads the handoff only after observing the new command below
+        // (Acquire pairs with this Release), and it is idle now, so nobody reads concurrently.
+        unsafe { std::ptr::write_volatile(h.handoff.0.get(), Handoff { base, state: *state }) };
+        h.write_index.0.store(base, Ordering::Relaxed);
+        h.read_index.0.store(read_index, Ordering::Relaxed);
+        let gen = (h.command.0.load(Ordering::Relaxed) >> 8) + 1;
+        h.command.0.store((gen << 8) | MODE_RUN, Ordering::Release);
+    }
+
+    /// Worker: the current command word (generation << 8 | mode).
+    pub fn command(&self) -> u64 {
+        self.header().command.0.load(Ordering::Acquire)
+    }
+
+    /// Worker: the handoff written with the last run command.
+    pub fn handoff(&self) -> (u64, EngineState) {
+        // SAFETY: read after an Acquire load of `command` that saw the supervisor's Release;
+        // the supervisor does not write the handoff while we run.
+        let h = unsafe { std::ptr::read_volatile(self.header().handoff.0.get()) };
+        (h.base, h.state)
+    }
+
+    // ---- producer (worker) -------------------------------------------------------------
+
+    /// Worker: renders block `block` into its slot through `render` and publishes it.
+    /// The caller guarantees `block == write_index()` and `space() > 0`.
+    pub fn produce(&self, block: u64, render: impl FnOnce(&mut [f32]) -> EngineState) {
+        let slot = self.slot_ptr(block);
+        // SAFETY: the slot of `block` is not readable by the consumer (write_index <= block)
+        // and was already consumed (space > 0), so we are its only user; it holds
+        // STATE_BYTES + samples_per_block f32s, f32-aligned (stride and header are 64-aligned).
+        let samples = unsafe {
+            std::slice::from_raw_parts_mut(slot.add(STATE_BYTES).cast::<f32>(), self.geo.samples_per_block())
+        };
+        let state = render(samples);
+        // SAFETY: as above; EngineState is plain data and the slot start is 64-aligned.
+        unsafe { std::ptr::write_volatile(slot.cast::<EngineState>(), state) };
+        // Release: publishes the samples and the state written above.
+        self.header().write_index.0.store(block + 1, Ordering::Release);
+    }
+
+    /// Worker: status fields the supervisor reads.
+    pub fn set_status(&self, pid: u32, realtime: bool) {
+        let s = &self.header().status.0;
+        s.pid.store(pid, Ordering::Relaxed);
+        s.realtime.store(realtime as u32, Ordering::Relaxed);
+        s.ready.store(1, Ordering::Release);
+    }
+
+    pub fn set_control_stats(&self, late: u64, duplicates: u64) {
+        let s = &self.header().status.0;
+        s.late.store(late, Ordering::Relaxed);
+        s.duplicates.store(duplicates, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.header().status.0.ready.load(Ordering::Acquire) == 1
+    }
+
+    pub fn worker_realtime(&self) -> bool {
+        self.header().status.0.realtime.load(Ordering::Relaxed) == 1
+    }
+
+    /// (late, duplicates) as last reported by the worker (untrusted: counters only).
+    pub fn control_stats(&self) -> (u64, u64) {
+        let s = &self.header().status.0;
+        (s.late.load(Ordering::Relaxed), s.duplicates.load(Ordering::Relaxed))
+    }
+
+    // ---- consumer (supervisor) ---------------------------------------------------------
+
+    /// Reads the state committed with `block`, if the ring holds a valid block `block`.
+    /// Untrusted memory: the state must carry the expected frame and pass its checksum.
+    pub fn committed_state(&self, block: u64) -> Option<EngineState> {
+        let w = self.write_index();
+        if block >= w || w > block + self.geo.slots as u64 {
+            return None;
+        }
+        // SAFETY: the slot lies inside the mapping; a volatile read of plain data from memory
+        // another process may be writing yields some bit pattern, which we validate below.
+        let state = unsafe { std::ptr::read_volatile(self.slot_ptr(block).cast::<EngineState>()) };
+        let expected_end = (block + 1) * self.geo.block_frames as u64;
+        if state.frame != expected_end || !state.is_valid(self.geo.sample_rate) {
+            return None;
+        }
+        // The slot could have been recycled while we read it: re-check it is still in the window.
+        (self.write_index() <= block + self.geo.slots as u64).then_some(state)
+    }
+
+    /// Output thread: copies block `block` into `out` if this ring holds a valid one.
+    /// Real-time safe: no allocation, no lock, no syscall. Samples are sanitised (NaN to 0,
+    /// clamped to [-1, 1]) so a dying worker's garbage can never reach the speaker.
+    pub fn read_block(&self, block: u64, out: &mut [f32]) -> Option<EngineState> {
+        let state = self.committed_state(block)?;
+        let n = self.geo.samples_per_block().min(out.len());
+        let src = self.slot_ptr(block);
+        // SAFETY: the slot holds samples_per_block f32s after the state (see produce); the
+        // ring's read_index has not passed `block`, so the worker does not rewrite it.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(STATE_BYTES).cast::<f32>(), out.as_mut_ptr(), n) };
+        for s in &mut out[..n] {
+            *s = if s.is_nan() { 0.0 } else { s.clamp(-1.0, 1.0) };
+        }
+        // The state is re-validated after the copy: a torn block is rejected as a whole.
+        (self.committed_state(block) == Some(state)).then_some(state)
+    }
+
+    /// The newest valid committed state at or after block `min_block`, walking back over
+    /// garbage: what a standby continues from when this ring's worker died.
+    pub fn last_valid_state(&self, min_block: u64) -> Option<(u64, EngineState)> {
+        let w = self.write_index();
+        let lo = w.saturating_sub(self.geo.slots as u64).max(min_block);
+        (lo..w).rev().find_map(|b| self.committed_state(b).map(|s| (b + 1, s)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{ramp_frames, Engine};
+
+    fn ring() -> (tempfile::NamedTempFile, AudioRing, RingGeometry) {
+        let geo = RingGeometry { block_frames: 64, slots: 4, sample_rate: 48_000 };
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(geo.segment_size()).unwrap();
+        let r = AudioRing::create(f.as_file(), geo).unwrap();
+        (f, r, geo)
+    }
+
+    #[test]
+    fn produce_then_read_round_trips_and_respects_space() {
+        let (f, r, geo) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        let mut e = Engine::new(48_000, EngineState::initial(440.0, 0.5, ramp_frames(48_000)));
+        for b in 0..4 {
+            assert!(w.space() > 0);
+            w.produce(b, |s| {
+                e.render(s);
+                *e.state()
+            });
+        }
+        assert_eq!(w.space(), 0);
+        let mut out = vec![0.0; geo.samples_per_block()];
+        let st = r.read_block(0, &mut out).unwrap();
+        assert_eq!(st.frame, 64);
+        assert!(r.read_block(4, &mut out).is_none());
+        r.set_read_index(1);
+        assert_eq!(w.space(), 1);
+        assert_eq!(r.last_valid_state(0).unwrap().0, 4);
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        let (f, r, _) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        w.produce(0, |s| {
+            s.fill(f32::NAN);
+            let mut st = EngineState::initial(440.0, 0.5, 240);
+            st.frame = 64;
+            st.freq = -1.0; // out of range
+            st.seal();
+            st
+        });
+        assert!(r.committed_state(0).is_none());
+        // A write index far beyond the window is garbage too.
+        r.header().write_index.0.store(1 << 40, Ordering::Release);
+        assert!(r.committed_state(3).is_none());
+        assert!(r.last_valid_state(0).is_none());
+    }
+
+    #[test]
+    fn attach_rejects_foreign_segments() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4096).unwrap();
+        assert!(AudioRing::attach(f.as_file()).is_err());
+    }
+}

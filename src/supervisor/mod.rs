@@ -1,0 +1,368 @@
+//! The supervisor: the systemd main process. It owns the output, runs the engine in worker
+//! processes with a pre-warmed standby, and survives any worker crash without an audible trace.
+//!
+//! ```text
+//!  Supervisor::start
+//!    monitor thread (RT)   epoll over worker pidfds + worker events + a heartbeat timer;
+//!                          failover, spare rebuild, shared-memory reclaim   (monitor.rs)
+//!    output thread (RT)    paced device loop, plays block `pos` from any ring that holds a
+//!                          valid one, preferring the active worker's          (output/)
+//!    housekeeping thread   manifest audit, CPU usage                          (housekeeping.rs)
+//!    Control               stamps and broadcasts changes                      (control.rs)
+//! ```
+//!
+//! The monitor and the output thread share the [`SlotTable`]: a fixed array of pointers to the
+//! workers' rings. The output thread only loads those pointers; the monitor frees a ring only
+//! after the output thread has finished two more periods (an epoch-based grace period), so the
+//! output thread never locks.
+
+mod housekeeping;
+mod monitor;
+mod spawn;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, ConfigError, OutputSpec};
+use crate::control::{Control, ControlCore};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::output::{self, Sink};
+use crate::shm::registry::{Registry, ShmError};
+use crate::shm::ring::{AudioRing, RingGeometry};
+use crate::sys::EventFd;
+
+/// Ring slots in the table: primary, spare, a spare being built and dead rings still draining.
+pub const MAX_SLOTS: usize = 8;
+
+/// Control ring capacity per worker.
+pub const CONTROL_CAPACITY: u32 = 4096;
+
+/// What the output thread may touch of a worker: its audio ring and its wake-up.
+pub struct WorkerShm {
+    pub ring: AudioRing,
+    pub wake: EventFd,
+}
+
+/// Lock-free table of the rings the output thread plays from.
+pub(crate) struct SlotTable {
+    cells: [AtomicPtr<WorkerShm>; MAX_SLOTS],
+    /// Slot of the primary: tried first.
+    active: AtomicUsize,
+}
+
+impl SlotTable {
+    fn new() -> SlotTable {
+        SlotTable { cells: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())), active: AtomicUsize::new(0) }
+    }
+
+    /// Monitor: publishes `shm` in `slot`. The caller keeps `shm` alive until `clear` plus a
+    /// grace period of two output epochs.
+    pub(crate) fn set(&self, slot: usize, shm: &Arc<WorkerShm>) {
+        self.cells[slot].store(Arc::as_ptr(shm).cast_mut(), Ordering::Release);
+    }
+
+    pub(crate) fn clear(&self, slot: usize) {
+        self.cells[slot].store(std::ptr::null_mut(), Ordering::SeqCst);
+    }
+
+    pub(crate) fn set_active(&self, slot: usize) {
+        self.active.store(slot, Ordering::Release);
+    }
+
+    pub(crate) fn is_free(&self, slot: usize) -> bool {
+        self.cells[slot].load(Ordering::Acquire).is_null()
+    }
+
+    /// Output thread: visits every published ring, the active one first.
+    /// Real-time safe (atomic loads only).
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&WorkerShm) -> bool) {
+        let active = self.active.load(Ordering::Acquire) % MAX_SLOTS;
+        for i in 0..MAX_SLOTS {
+            let p = self.cells[(active + i) % MAX_SLOTS].load(Ordering::Acquire);
+            if p.is_null() {
+                continue;
+            }
+            // SAFETY: a published pointer stays valid until the monitor clears it and then
+            // waits two output epochs (see module docs); this thread bumps the epoch only
+            // after it has dropped every reference taken in the period.
+            if !f(unsafe { &*p }) {
+                return;
+            }
+        }
+    }
+}
+
+/// State shared by all threads of the supervisor.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub geo: RingGeometry,
+    pub table: SlotTable,
+    /// Blocks played so far (the output position).
+    pub position: AtomicU64,
+    /// CLOCK_MONOTONIC at the start of the output's current period.
+    pub last_period_ns: AtomicU64,
+    /// Output periods completed: the grace-period clock for freeing rings.
+    pub epoch: AtomicU64,
+    pub running: AtomicBool,
+    /// The primary has rendered its whole lookahead once (start-up gate for the output).
+    pub primed: AtomicBool,
+    pub metrics: Metrics,
+    pub control: ControlCore,
+    pub shm: Mutex<ShmBook>,
+    pub started: Instant,
+}
+
+/// The registry plus what the monitor holds: segment id -> CLOCK_MONOTONIC ns at which its
+/// owner died (None while it lives). Audits compare the directory against both.
+pub(crate) struct ShmBook {
+    pub registry: Option<Registry>,
+    pub held: std::collections::HashMap<String, Option<u64>>,
+}
+
+/// Something the supervisor did, for the library user (tests, benchmarks, the D-Bus layer).
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A worker died (or was killed as hung). `detected_ns` is CLOCK_MONOTONIC.
+    WorkerDied { pid: u32, role: &'static str, status: String, detected_ns: u64 },
+    /// A hung worker was declared dead and killed.
+    HangDetected { pid: u32, detected_ns: u64 },
+    /// The standby took over: it holds the next block the output needs.
+    Failover { old_pid: u32, new_pid: u32, detected_ns: u64, failover_ns: u64 },
+    /// A replacement worker is ready for its role (a new spare, or a cold-started primary).
+    Replaced { pid: u32, detected_ns: u64, ready_ns: u64 },
+}
+
+/// Why the supervisor could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Shm(#[from] ShmError),
+    #[error("cannot open output: {0}")]
+    Output(String),
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot set up the monitor: {0}")]
+    Monitor(std::io::Error),
+    #[error("the first worker did not become ready within {0:?}: {1}")]
+    NotReady(Duration, String),
+}
+
+/// A running supervisor. Dropping it shuts everything down (like [`Supervisor::shutdown`]).
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    stop: Arc<EventFd>,
+    monitor: Option<JoinHandle<()>>,
+    output: Option<JoinHandle<()>>,
+    housekeeping: Option<JoinHandle<()>>,
+    wav: Option<crate::output::wav::WavRecorder>,
+    events: Option<Receiver<Event>>,
+    shm_dir: PathBuf,
+}
+
+/// Small stacks for our threads: with mlockall(MCL_FUTURE) every stack page is locked.
+const THREAD_STACK: usize = 256 * 1024;
+
+impl Supervisor {
+    /// Starts the supervisor: sweeps the shm dir, spawns the primary and the standby, waits
+    /// until the primary has rendered its lookahead and the standby is ready, then starts the
+    /// output.
+    ///
+    /// # Errors
+    /// Invalid configuration, an shm dir in use or not writable, an output that cannot be
+    /// opened, or workers that never become ready.
+    pub fn start(config: Config) -> Result<Supervisor, StartError> {
+        config.validate()?;
+        let geo = RingGeometry {
+            block_frames: config.block_frames,
+            slots: config.lookahead_blocks,
+            sample_rate: config.sample_rate,
+        };
+        let (registry, sweep) = Registry::open(&config.shm_dir)?;
+        let shm_dir = config.shm_dir.clone();
+        let metrics = Metrics::default();
+        if !sweep.files.is_empty() {
+            tracing::warn!(
+                segments = sweep.files.len(),
+                bytes = sweep.bytes,
+                dir = %shm_dir.display(),
+                "reclaimed {} stale shared-memory segments ({} bytes) left by a previous instance",
+                sweep.files.len(),
+                sweep.bytes
+            );
+            metrics.stale_segments_reclaimed.store(sweep.files.len() as u64, Ordering::Relaxed);
+        }
+
+        let shared = Arc::new(Shared {
+            geo,
+            table: SlotTable::new(),
+            position: AtomicU64::new(0),
+            last_period_ns: AtomicU64::new(crate::sys::now_ns()),
+            epoch: AtomicU64::new(0),
+            running: AtomicBool::new(true),
+            primed: AtomicBool::new(false),
+            metrics,
+            control: ControlCore::new(config.frequency, config.gain),
+            shm: Mutex::new(ShmBook { registry: Some(registry), held: Default::default() }),
+            started: Instant::now(),
+            config,
+        });
+        let stop = Arc::new(EventFd::new(true).map_err(StartError::Monitor)?);
+        let (events_tx, events_rx) = mpsc::channel();
+
+        let (sink, wav) = match &shared.config.output {
+            OutputSpec::Virtual => (Sink::Virtual, None),
+            OutputSpec::Wav(path) => {
+                let (tap, rec) = output::wav::start(path, shared.config.sample_rate, 2, shared.config.sample_rate as usize)
+                    .map_err(|e| StartError::Output(e.to_string()))?;
+                (Sink::Wav(tap), Some(rec))
+            }
+        };
+
+        let mut sup = Supervisor {
+            shared: shared.clone(),
+            stop: stop.clone(),
+            monitor: None,
+            output: None,
+            housekeeping: None,
+            wav,
+            events: Some(events_rx),
+            shm_dir,
+        };
+
+        let mon = monitor::Monitor::new(shared.clone(), stop.clone(), events_tx).map_err(StartError::Monitor)?;
+        sup.monitor = Some(
+            std::thread::Builder::new()
+                .name("aw-monitor".into())
+                .stack_size(THREAD_STACK)
+                .spawn(move || mon.run())
+                .map_err(StartError::Thread)?,
+        );
+
+        // Wait for the primary to fill its lookahead (and the standby to be ready) before the
+        // output starts pulling, so the first period already finds a block.
+        let timeout = Duration::from_secs(5);
+        let t0 = Instant::now();
+        loop {
+            let filled = shared.primed.load(Ordering::Acquire);
+            let spare_ok = shared.config.standby == crate::config::StandbyMode::None
+                || shared.metrics.spare_ready.load(Ordering::Acquire);
+            if filled && spare_ok {
+                break;
+            }
+            if t0.elapsed() > timeout || sup.monitor.as_ref().is_some_and(|h| h.is_finished()) {
+                let why = if filled { "the standby never became ready" } else { "the primary never rendered" };
+                return Err(StartError::NotReady(timeout, why.into()));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+
+        let out_shared = shared.clone();
+        sup.output = Some(
+            std::thread::Builder::new()
+                .name("aw-output".into())
+                .stack_size(THREAD_STACK)
+                .spawn(move || output::run(out_shared, sink))
+                .map_err(StartError::Thread)?,
+        );
+        // Lock what exists now (code, the threads' stacks and buffers, the rings). Not
+        // MCL_FUTURE: that would pin every allocator arena and thread stack in full; rings
+        // created later are mlocked one by one.
+        if let Err(e) = crate::sys::mlockall() {
+            tracing::warn!("mlockall refused ({e}); audio memory may be paged out under pressure");
+        }
+        let hk_shared = shared.clone();
+        let hk_stop = stop.clone();
+        sup.housekeeping = Some(
+            std::thread::Builder::new()
+                .name("aw-housekeeping".into())
+                .spawn(move || housekeeping::run(hk_shared, hk_stop))
+                .map_err(StartError::Thread)?,
+        );
+        tracing::info!(
+            primary_pid = shared.metrics.primary_pid.load(Ordering::Relaxed),
+            spare_pid = shared.metrics.spare_pid.load(Ordering::Relaxed),
+            "playing {} Hz at gain {} ({} Hz, {} frames per block, {} blocks lookahead, {:?} standby)",
+            shared.config.frequency,
+            shared.config.gain,
+            shared.config.sample_rate,
+            shared.config.block_frames,
+            shared.config.lookahead_blocks,
+            shared.config.standby
+        );
+        Ok(sup)
+    }
+
+    /// A handle to change frequency and gain.
+    pub fn control(&self) -> Control {
+        Control { shared: self.shared.clone() }
+    }
+
+    /// Every metric, now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.shared.metrics.snapshot(self.shared.config.sample_rate, self.shared.started.elapsed().as_secs_f64())
+    }
+
+    /// The event stream (once; later calls get None).
+    pub fn take_events(&mut self) -> Option<Receiver<Event>> {
+        self.events.take()
+    }
+
+    /// The output position in frames.
+    pub fn position_frames(&self) -> u64 {
+        self.shared.position.load(Ordering::Acquire) * self.shared.config.block_frames as u64
+    }
+
+    pub fn shm_dir(&self) -> &Path {
+        &self.shm_dir
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Stops the output, stops the workers (SIGTERM, then SIGKILL after a timeout), unlinks
+    /// every segment and the manifest, and finishes the WAV file.
+    ///
+    /// # Errors
+    /// Only the WAV file's final write can fail; everything else is best effort and logged.
+    pub fn shutdown(mut self) -> Result<(), crate::output::wav::WavError> {
+        self.stop_all()
+    }
+
+    fn stop_all(&mut self) -> Result<(), crate::output::wav::WavError> {
+        self.shared.running.store(false, Ordering::Release);
+        self.shared.control.stop();
+        if let Some(h) = self.output.take() {
+            let _ = h.join();
+        }
+        self.stop.notify();
+        for h in [self.monitor.take(), self.housekeeping.take()].into_iter().flatten() {
+            let _ = h.join();
+        }
+        if let Ok(mut book) = self.shared.shm.lock() {
+            if let Some(reg) = book.registry.take() {
+                if let Err(e) = reg.remove_all() {
+                    tracing::warn!("cleaning up {}: {e}", self.shm_dir.display());
+                }
+            }
+        }
+        match self.wav.take() {
+            Some(w) => w.finish().map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if self.monitor.is_some() || self.output.is_some() {
+            let _ = self.stop_all();
+        }
+    }
+}

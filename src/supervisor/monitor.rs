@@ -1,0 +1,619 @@
+//! The monitor thread: one epoll set over every worker's pidfd (death) and event fd (ready,
+//! first block, caught up), a heartbeat timer, and the stop fd. It decides every failover,
+//! builds spares, and reclaims the shared memory of dead workers once drained.
+//!
+//! Roles: one `Primary` (its slot is the table's active one), at most one `Spare`, and dead
+//! workers `Draining` (their committed blocks stay playable) until the output has passed them.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::spawn::{spawn_worker, WorkerFds};
+use super::{Event, Shared, WorkerShm, CONTROL_CAPACITY, MAX_SLOTS};
+use crate::config::StandbyMode;
+use crate::control::Target;
+use crate::engine::{ramp_frames, EngineState};
+use crate::shm::control::{self, ControlRing};
+use crate::shm::registry::SegmentKind;
+use crate::shm::ring::AudioRing;
+use crate::sys::{self, Epoll, EventFd, TimerFd};
+
+const TOKEN_STOP: u64 = 1;
+const TOKEN_TIMER: u64 = 2;
+const KIND_EXIT: u64 = 1 << 60;
+const KIND_EVENT: u64 = 2 << 60;
+const KIND_MASK: u64 = 0xf << 60;
+
+/// How long shutdown waits for workers to exit after SIGTERM before SIGKILL.
+const TERM_TIMEOUT: Duration = Duration::from_millis(300);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Primary,
+    Spare,
+    Draining,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Spare => "spare",
+            Role::Draining => "draining",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Exec'd, not yet mapped and locked.
+    Spawning,
+    /// Ready and idle (a warm spare).
+    Idle,
+    /// Rendering from `base`.
+    Running { base: u64 },
+    Dead,
+}
+
+struct Worker {
+    id: u64,
+    slot: usize,
+    pid: u32,
+    pidfd: OwnedFd,
+    shm: Arc<WorkerShm>,
+    ctl: Arc<ControlRing>,
+    /// Worker -> supervisor notifications.
+    event: EventFd,
+    segments: [String; 2],
+    role: Role,
+    phase: Phase,
+    /// For a primary started cold or promoted before it was ready: where to start.
+    start_from: Option<(u64, EngineState)>,
+    /// Set if this worker replaces a dead one: that death's detection time.
+    replaces: Option<u64>,
+    /// Ready for its role has been reported.
+    ready_reported: bool,
+    // Heartbeat.
+    hb_write: u64,
+    hb_stalled_since: Option<u64>,
+    hang_detected_ns: Option<u64>,
+    dead_since: Option<u64>,
+}
+
+/// A failover in progress: done once the new primary holds block `need`.
+struct PendingFailover {
+    detected_ns: u64,
+    old_pid: u32,
+    new_id: u64,
+    need: u64,
+}
+
+/// A dead worker's ring, unpublished, waiting for the output thread's grace period.
+struct Retired {
+    shm: Arc<WorkerShm>,
+    segments: [String; 2],
+    epoch: u64,
+}
+
+pub(crate) struct Monitor {
+    sh: Arc<Shared>,
+    _stop: Arc<EventFd>,
+    events: Sender<Event>,
+    epoll: Epoll,
+    timer: TimerFd,
+    workers: Vec<Worker>,
+    retired: Vec<Retired>,
+    failovers: Vec<PendingFailover>,
+    next_id: u64,
+    exe: std::path::PathBuf,
+    block_ns: u64,
+}
+
+impl Monitor {
+    pub(crate) fn new(sh: Arc<Shared>, stop: Arc<EventFd>, events: Sender<Event>) -> std::io::Result<Monitor> {
+        let epoll = Epoll::new()?;
+        let block_ns = sh.config.block_ns();
+        let timer = TimerFd::periodic(Duration::from_nanos(block_ns))?;
+        epoll.add(stop.raw(), TOKEN_STOP)?;
+        epoll.add(timer.raw(), TOKEN_TIMER)?;
+        let exe = sh.config.worker_exe.clone().unwrap_or_else(|| "/proc/self/exe".into());
+        Ok(Monitor {
+            sh,
+            _stop: stop,
+            events,
+            epoll,
+            timer,
+            workers: Vec::new(),
+            retired: Vec::new(),
+            failovers: Vec::new(),
+            next_id: 1,
+            exe,
+            block_ns,
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        match sys::set_fifo(self.sh.config.monitor_priority) {
+            Ok(()) => self.sh.metrics.monitor_realtime.store(true, Ordering::Relaxed),
+            Err(e) => tracing::warn!("monitor thread: SCHED_FIFO refused ({e}); running without real-time priority"),
+        }
+        let (f, g) = (self.sh.config.frequency, self.sh.config.gain);
+        let initial = EngineState::initial(f, g, ramp_frames(self.sh.config.sample_rate));
+        if let Err(e) = self.spawn(Role::Primary, Some((0, initial)), None) {
+            tracing::error!("cannot start the primary worker: {e}");
+            return;
+        }
+        if self.sh.config.standby != StandbyMode::None {
+            if let Err(e) = self.spawn(Role::Spare, None, None) {
+                tracing::error!("cannot start the standby worker: {e}");
+            }
+        }
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        loop {
+            let n = self.epoll.wait(&mut evs, -1);
+            let now = sys::now_ns();
+            for ev in &evs[..n] {
+                let token = ev.u64;
+                match token {
+                    TOKEN_STOP => {
+                        self.shutdown();
+                        return;
+                    }
+                    TOKEN_TIMER => {
+                        self.timer.drain();
+                        self.tick(now);
+                    }
+                    t if t & KIND_MASK == KIND_EXIT => self.on_exit(t & !KIND_MASK, now),
+                    t if t & KIND_MASK == KIND_EVENT => self.on_event(t & !KIND_MASK),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn find(&self, role: Role) -> Option<usize> {
+        self.workers.iter().position(|w| w.role == role && w.phase != Phase::Dead)
+    }
+
+    fn pos(&self) -> u64 {
+        self.sh.position.load(Ordering::Acquire)
+    }
+
+    // ---- spawning --------------------------------------------------------------------
+
+    fn free_slot(&self) -> Option<usize> {
+        (0..MAX_SLOTS).find(|&s| self.sh.table.is_free(s) && !self.workers.iter().any(|w| w.slot == s))
+    }
+
+    fn spawn(&mut self, role: Role, start_from: Option<(u64, EngineState)>, replaces: Option<u64>) -> Result<(), String> {
+        let slot = self.free_slot().ok_or("no free worker slot")?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let ring_id = format!("ring-{slot}-g{id}");
+        let ctl_id = format!("ctl-{slot}-g{id}");
+        let owner = format!("worker-{id} (spawning)");
+        let (ring_file, ctl_file) = {
+            let mut book = self.sh.shm.lock().map_err(|_| "shm book poisoned")?;
+            let reg = book.registry.as_mut().ok_or("shutting down")?;
+            let rf = reg
+                .create(&ring_id, self.sh.geo.segment_size(), SegmentKind::AudioRing, &owner)
+                .map_err(|e| e.to_string())?;
+            let cf = match reg.create(&ctl_id, control::segment_size(CONTROL_CAPACITY), SegmentKind::ControlRing, &owner) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = reg.release(&ring_id);
+                    return Err(e.to_string());
+                }
+            };
+            book.held.insert(ring_id.clone(), None);
+            book.held.insert(ctl_id.clone(), None);
+            (rf, cf)
+        };
+        let result = self.spawn_with(id, slot, role, &ring_file, &ctl_file, [ring_id.clone(), ctl_id.clone()], start_from, replaces);
+        if result.is_err() {
+            self.release_segments(&[ring_id, ctl_id]);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_with(
+        &mut self,
+        id: u64,
+        slot: usize,
+        role: Role,
+        ring_file: &File,
+        ctl_file: &File,
+        segments: [String; 2],
+        start_from: Option<(u64, EngineState)>,
+        replaces: Option<u64>,
+    ) -> Result<(), String> {
+        let ring = AudioRing::create(ring_file, self.sh.geo).map_err(|e| format!("map audio ring: {e}"))?;
+        let ctl = Arc::new(ControlRing::create(ctl_file, CONTROL_CAPACITY).map_err(|e| format!("map control ring: {e}"))?);
+        let wake = EventFd::new(true).map_err(|e| e.to_string())?;
+        let event = EventFd::new(true).map_err(|e| e.to_string())?;
+        let shm = Arc::new(WorkerShm { ring, wake });
+        let fds = WorkerFds { ring: ring_file, ctl: ctl_file, wake: shm.wake.raw(), event: event.raw() };
+        let pid = spawn_worker(&self.exe, &fds, self.sh.config.render_priority).map_err(|e| format!("spawn {}: {e}", self.exe.display()))?;
+        let pidfd = match sys::pidfd_open(pid as i32) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // SAFETY: kill(2) on the pid we just spawned and have not reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                return Err(format!("pidfd_open({pid}): {e}"));
+            }
+        };
+        self.epoll.add(pidfd.as_raw_fd(), KIND_EXIT | id).map_err(|e| e.to_string())?;
+        self.epoll.add(event.raw(), KIND_EVENT | id).map_err(|e| e.to_string())?;
+        if let Ok(mut book) = self.sh.shm.lock() {
+            if let Some(reg) = book.registry.as_mut() {
+                for s in &segments {
+                    let _ = reg.set_owner(s, &format!("worker-{id} (pid {pid})"));
+                }
+            }
+        }
+        self.sh.table.set(slot, &shm);
+        if role == Role::Primary {
+            self.sh.table.set_active(slot);
+            self.sh.metrics.primary_pid.store(pid, Ordering::Relaxed);
+        } else {
+            self.sh.metrics.spare_pid.store(pid, Ordering::Relaxed);
+        }
+        tracing::debug!(pid, slot, role = role.name(), "spawned worker-{id}");
+        self.workers.push(Worker {
+            id,
+            slot,
+            pid,
+            pidfd,
+            shm,
+            ctl,
+            event,
+            segments,
+            role,
+            phase: Phase::Spawning,
+            start_from,
+            replaces,
+            ready_reported: false,
+            hb_write: 0,
+            hb_stalled_since: None,
+            hang_detected_ns: None,
+            dead_since: None,
+        });
+        Ok(())
+    }
+
+    /// Starts a worker rendering: from `from` if given, else (a hot spare) from the primary's
+    /// newest committed state, read under the control lock so no message slips between.
+    /// Returns false (and leaves the worker idle) when there is nothing to follow yet.
+    fn activate(&mut self, idx: usize, from: Option<(u64, EngineState)>) -> bool {
+        let pos = self.pos();
+        let primary = self.find(Role::Primary).map(|i| (self.workers[i].shm.clone(), self.workers[i].start_from));
+        let w = &self.workers[idx];
+        let target = Target { worker_id: w.id, ctl: w.ctl.clone(), shm: w.shm.clone() };
+        let started = self.sh.control.start_worker(
+            target,
+            || from.or_else(|| primary.as_ref().and_then(|(p, start)| p.ring.last_valid_state(0).or(*start))),
+            pos,
+        );
+        let Some((base, _)) = started else { return false };
+        let w = &mut self.workers[idx];
+        w.phase = Phase::Running { base };
+        w.hb_write = base;
+        w.hb_stalled_since = None;
+        true
+    }
+
+    // ---- events ------------------------------------------------------------------------
+
+    fn on_event(&mut self, id: u64) {
+        let Some(i) = self.workers.iter().position(|w| w.id == id) else { return };
+        self.workers[i].event.drain();
+        self.advance(i);
+    }
+
+    /// Moves worker `i` along its life cycle as far as its ring says it can go.
+    fn advance(&mut self, i: usize) {
+        let now = sys::now_ns();
+        if self.workers[i].phase == Phase::Spawning && self.workers[i].shm.ring.is_ready() {
+            self.workers[i].phase = Phase::Idle;
+            if self.workers[i].shm.ring.worker_realtime() {
+                self.sh.metrics.worker_realtime.store(true, Ordering::Relaxed);
+            } else if self.workers[i].role == Role::Primary {
+                self.sh.metrics.worker_realtime.store(false, Ordering::Relaxed);
+            }
+        }
+        let w = &self.workers[i];
+        match (w.role, w.phase) {
+            (Role::Primary, Phase::Idle) => {
+                let from = self.workers[i].start_from;
+                self.activate(i, from);
+            }
+            (Role::Spare, Phase::Idle) if self.sh.config.standby == StandbyMode::Hot => {
+                self.activate(i, None);
+            }
+            (Role::Spare, Phase::Idle) => self.report_ready(i, now),
+            _ => {}
+        }
+        let w = &mut self.workers[i];
+        if let Phase::Running { base } = w.phase {
+            let write = w.shm.ring.write_index();
+            if write > base && w.role == Role::Primary {
+                // Its own ring now says where it is; the start state is history.
+                w.start_from = None;
+                if w.shm.ring.space() == 0 {
+                    self.sh.primed.store(true, Ordering::Release);
+                }
+            }
+            match w.role {
+                Role::Primary if write > base => self.report_ready(i, now),
+                // A hot spare is ready once it has caught up: its ring is as full as it may be.
+                Role::Spare if w.shm.ring.space() == 0 => self.report_ready(i, now),
+                _ => {}
+            }
+        }
+        self.check_failovers(now);
+    }
+
+    fn report_ready(&mut self, i: usize, now: u64) {
+        let w = &mut self.workers[i];
+        if w.ready_reported {
+            return;
+        }
+        w.ready_reported = true;
+        if w.role == Role::Spare {
+            self.sh.metrics.spare_ready.store(true, Ordering::Release);
+        }
+        if let Some(detected) = w.replaces.take() {
+            let ms = (now - detected) as f64 / 1e6;
+            self.sh.metrics.replacements.fetch_add(1, Ordering::Relaxed);
+            self.sh.metrics.record(|m| m.rebuild_ms.push(ms));
+            tracing::info!(NEW_PID = w.pid, REBUILD_US = (now - detected) / 1000, "replacement worker-{} ready as {} in {:.3} ms", w.id, w.role.name(), ms);
+            let _ = self.events.send(Event::Replaced { pid: w.pid, detected_ns: detected, ready_ns: now });
+        }
+    }
+
+    fn check_failovers(&mut self, now: u64) {
+        let mut done = Vec::new();
+        for (k, f) in self.failovers.iter().enumerate() {
+            let Some(w) = self.workers.iter().find(|w| w.id == f.new_id) else {
+                done.push(k); // the new primary died too; its own failover is tracked
+                continue;
+            };
+            let running = matches!(w.phase, Phase::Running { .. });
+            if running && (w.shm.ring.write_index() > f.need || self.pos() > f.need) {
+                let ms = (now - f.detected_ns) as f64 / 1e6;
+                self.sh.metrics.record(|m| m.failover_ms.push(ms));
+                tracing::info!(
+                    WORKER_PID = f.old_pid,
+                    NEW_PID = w.pid,
+                    FAILOVER_US = (now - f.detected_ns) / 1000,
+                    "failover: worker {} took over from {} in {:.3} ms",
+                    w.pid,
+                    f.old_pid,
+                    ms
+                );
+                let _ = self.events.send(Event::Failover { old_pid: f.old_pid, new_pid: w.pid, detected_ns: f.detected_ns, failover_ns: now });
+                done.push(k);
+            }
+        }
+        for k in done.into_iter().rev() {
+            self.failovers.remove(k);
+        }
+    }
+
+    // ---- death -------------------------------------------------------------------------
+
+    fn on_exit(&mut self, id: u64, now: u64) {
+        let Some(i) = self.workers.iter().position(|w| w.id == id) else { return };
+        let status = sys::pidfd_reap(&self.workers[i].pidfd).map(|s| s.to_string()).unwrap_or_else(|e| format!("unknown ({e})"));
+        let w = &mut self.workers[i];
+        let detected = w.hang_detected_ns.unwrap_or(now);
+        self.epoll.remove(w.pidfd.as_raw_fd());
+        self.epoll.remove(w.event.raw());
+        let role = w.role;
+        let pid = w.pid;
+        w.phase = Phase::Dead;
+        w.role = Role::Draining;
+        w.dead_since = Some(now);
+        self.sh.control.remove_target(id);
+        if let Ok(mut book) = self.sh.shm.lock() {
+            for s in &self.workers[i].segments {
+                book.held.insert(s.clone(), Some(now));
+            }
+        }
+        self.sh.metrics.crash_count.fetch_add(1, Ordering::Relaxed);
+        self.sh.metrics.record(|m| m.detection_ms.push((now - detected) as f64 / 1e6));
+        tracing::warn!(WORKER_PID = pid, ROLE = role.name(), "worker {pid} ({}) {status}", role.name());
+        let _ = self.events.send(Event::WorkerDied { pid, role: role.name(), status, detected_ns: detected });
+
+        match role {
+            Role::Primary => self.replace_primary(i, detected),
+            Role::Spare => {
+                self.sh.metrics.spare_ready.store(false, Ordering::Release);
+                self.sh.metrics.spare_pid.store(0, Ordering::Relaxed);
+                self.ensure_spare(Some(detected));
+            }
+            Role::Draining => {}
+        }
+    }
+
+    fn replace_primary(&mut self, dead: usize, detected: u64) {
+        let old_pid = self.workers[dead].pid;
+        // Where the stream continues: the dead primary's newest valid committed state.
+        let handoff = self.workers[dead].shm.ring.last_valid_state(0).or(self.workers[dead].start_from).unwrap_or_else(|| {
+            // Nothing valid in its ring: resync from the control targets at the output
+            // position (an audible discontinuity, counted).
+            self.sh.metrics.state_resyncs.fetch_add(1, Ordering::Relaxed);
+            let (f, g) = self.sh.control.params();
+            let mut s = EngineState::initial(f, g, ramp_frames(self.sh.config.sample_rate));
+            let base = self.pos();
+            s.frame = base * self.sh.geo.block_frames as u64;
+            s.seal();
+            (base, s)
+        });
+        // The block the new primary must hold for the takeover to be complete: a hot standby
+        // already renders the same stream, so the very next block the output needs; anyone
+        // else continues where the dead primary's committed blocks end.
+        let spare = self.find(Role::Spare);
+        let hot = spare.is_some_and(|s| matches!(self.workers[s].phase, Phase::Running { .. }));
+        let need = if hot { self.pos() } else { handoff.0.max(self.pos()) };
+        match spare {
+            Some(s) => {
+                let w = &mut self.workers[s];
+                w.role = Role::Primary;
+                let id = w.id;
+                self.sh.table.set_active(w.slot);
+                self.sh.metrics.primary_pid.store(w.pid, Ordering::Relaxed);
+                self.sh.metrics.spare_pid.store(0, Ordering::Relaxed);
+                self.sh.metrics.spare_ready.store(false, Ordering::Release);
+                match w.phase {
+                    // Hot: already rendering the same stream; the table switch is the takeover.
+                    Phase::Running { .. } => {}
+                    // Warm: continue from the dead primary's state.
+                    Phase::Idle => {
+                        self.activate(s, Some(handoff));
+                    }
+                    // Still starting: it will start from there once ready.
+                    _ => self.workers[s].start_from = Some(handoff),
+                }
+                // Take over first, rebuild after: the spawn costs milliseconds.
+                self.failovers.push(PendingFailover { detected_ns: detected, old_pid, new_id: id, need });
+                self.check_failovers(sys::now_ns());
+                self.ensure_spare(Some(detected));
+            }
+            None => {
+                let id = self.next_id;
+                if let Err(e) = self.spawn(Role::Primary, Some(handoff), Some(detected)) {
+                    tracing::error!("cannot start a replacement primary: {e}");
+                }
+                self.failovers.push(PendingFailover { detected_ns: detected, old_pid, new_id: id, need });
+                self.ensure_spare(None);
+            }
+        }
+    }
+
+    fn ensure_spare(&mut self, replaces: Option<u64>) {
+        if self.sh.config.standby == StandbyMode::None || self.find(Role::Spare).is_some() {
+            return;
+        }
+        if let Err(e) = self.spawn(Role::Spare, None, replaces) {
+            tracing::error!("cannot start a standby worker: {e}");
+        }
+    }
+
+    // ---- the heartbeat tick ----------------------------------------------------------------
+
+    fn tick(&mut self, now: u64) {
+        let hang_ns = self.sh.config.hang_timeout_blocks as u64 * self.block_ns;
+        let output_running = self.sh.epoch.load(Ordering::Acquire) > 0;
+        for i in 0..self.workers.len() {
+            self.advance(i);
+            let w = &mut self.workers[i];
+            if !matches!(w.phase, Phase::Running { .. }) || w.hang_detected_ns.is_some() || !output_running {
+                continue;
+            }
+            let write = w.shm.ring.write_index();
+            if write != w.hb_write {
+                w.hb_write = write;
+                w.hb_stalled_since = None;
+            } else if w.shm.ring.space() > 0 {
+                // Room to render, yet no progress: the clock starts now.
+                let since = *w.hb_stalled_since.get_or_insert(now);
+                if now - since >= hang_ns {
+                    w.hang_detected_ns = Some(now);
+                    self.sh.metrics.hang_kills.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(WORKER_PID = w.pid, "worker {} made no progress for {} µs: declared hung, killing it", w.pid, (now - since) / 1000);
+                    let _ = self.events.send(Event::HangDetected { pid: w.pid, detected_ns: now });
+                    let _ = sys::pidfd_send_signal(&w.pidfd, libc::SIGKILL);
+                }
+            }
+        }
+        let late = self.workers.iter().filter(|w| w.phase != Phase::Dead).map(|w| w.shm.ring.control_stats().0).max().unwrap_or(0);
+        self.sh.metrics.control_late.fetch_max(late, Ordering::Relaxed);
+        self.reclaim(now);
+    }
+
+    /// Dead workers whose blocks the output has passed leave the table; after the grace
+    /// period their segments are unlinked and dropped from the manifest.
+    fn reclaim(&mut self, now: u64) {
+        let pos = self.pos();
+        let epoch = self.sh.epoch.load(Ordering::SeqCst);
+        let mut k = 0;
+        while k < self.workers.len() {
+            let w = &self.workers[k];
+            let drained = w.shm.ring.write_index() <= pos || w.shm.ring.committed_state(pos).is_none();
+            let stale = w.dead_since.is_some_and(|d| now - d > 1_000_000_000);
+            if w.phase == Phase::Dead && (drained || stale || !self.sh.running.load(Ordering::Relaxed)) {
+                let w = self.workers.remove(k);
+                self.sh.table.clear(w.slot);
+                self.retired.push(Retired { shm: w.shm, segments: w.segments, epoch: self.sh.epoch.load(Ordering::SeqCst) });
+            } else {
+                k += 1;
+            }
+        }
+        let mut j = 0;
+        while j < self.retired.len() {
+            if epoch >= self.retired[j].epoch + 2 || !self.sh.running.load(Ordering::Relaxed) {
+                let r = self.retired.remove(j);
+                let segs = r.segments.clone();
+                drop(r.shm);
+                self.release_segments(&segs);
+                tracing::debug!(SEGMENT = %segs.join(","), "reclaimed segments {}", segs.join(", "));
+            } else {
+                j += 1;
+            }
+        }
+    }
+
+    fn release_segments(&self, segments: &[String]) {
+        if let Ok(mut book) = self.sh.shm.lock() {
+            for s in segments {
+                book.held.remove(s);
+                if let Some(reg) = book.registry.as_mut() {
+                    if let Err(e) = reg.release(s) {
+                        tracing::warn!(SEGMENT = %s, "cannot release segment {s}: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- shutdown ----------------------------------------------------------------------
+
+    fn shutdown(&mut self) {
+        // The stop fd stays readable: housekeeping polls it too.
+        for w in &self.workers {
+            if w.phase != Phase::Dead {
+                let _ = sys::pidfd_send_signal(&w.pidfd, libc::SIGTERM);
+            }
+        }
+        let deadline = sys::now_ns() + TERM_TIMEOUT.as_nanos() as u64;
+        for w in &mut self.workers {
+            if w.phase == Phase::Dead {
+                continue;
+            }
+            let mut pfd = libc::pollfd { fd: w.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let left_ms = (deadline.saturating_sub(sys::now_ns()) / 1_000_000) as i32;
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, left_ms) };
+            if r <= 0 {
+                tracing::warn!(WORKER_PID = w.pid, "worker {} ignored SIGTERM; killing it", w.pid);
+                let _ = sys::pidfd_send_signal(&w.pidfd, libc::SIGKILL);
+            }
+            let _ = sys::pidfd_reap(&w.pidfd);
+            w.phase = Phase::Dead;
+        }
+        for w in &self.workers {
+            self.sh.table.clear(w.slot);
+        }
+        let segs: Vec<String> = self.workers.iter().flat_map(|w| w.segments.clone()).chain(self.retired.iter().flat_map(|r| r.segments.clone())).collect();
+        self.workers.clear();
+        self.retired.clear();
+        self.release_segments(&segs);
+        self.sh.metrics.spare_ready.store(false, Ordering::Relaxed);
+    }
+}

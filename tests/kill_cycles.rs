@@ -1,0 +1,63 @@
+//! 50 kill cycles: every crash is counted and replaced, the spare comes back each time, and
+//! nothing leaks: no segment, no manifest entry, no file descriptor.
+//! (Its own test binary, so the fd count of the process is this test's alone.)
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use audiowarden::shm::registry::Manifest;
+use audiowarden::sys::open_fd_count;
+use audiowarden::{OutputSpec, StandbyMode, Supervisor};
+use common::*;
+
+fn dir_entries(dir: &std::path::Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+}
+
+#[test]
+fn fifty_kill_cycles_leave_nothing_behind() {
+    let shm = ShmDir::new("cycles");
+    let cfg = config(&shm, OutputSpec::Virtual, StandbyMode::Hot, 440.0, 0.25);
+    let sup = Supervisor::start(cfg).expect("start");
+    std::thread::sleep(Duration::from_millis(100));
+    let fds_before = open_fd_count();
+    for n in 1..=50u64 {
+        let victim = sup.metrics().primary_pid;
+        signal(victim, libc::SIGKILL);
+        let m = wait_rebuilt(&sup, n);
+        assert!(m.spare_ready, "spare not ready after rebuild {n}");
+        assert_eq!(m.crash_count, n);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let the last dead rings drain and an audit run.
+    std::thread::sleep(Duration::from_millis(1300));
+    let m = sup.metrics();
+    assert_eq!(m.crash_count, 50);
+    assert_eq!(m.replacements, 50);
+    assert!(m.spare_ready);
+    assert_eq!(m.shm_leaks, 0);
+    assert_eq!(m.underruns, 0);
+    assert_eq!(m.failover_time_ms.count, 50);
+    assert_eq!(m.rebuild_time_ms.count, 50);
+
+    // The dir holds exactly the live workers' segments, and the manifest lists exactly those.
+    let manifest: Manifest = serde_json::from_str(&std::fs::read_to_string(shm.0.join("manifest.json")).unwrap()).unwrap();
+    let listed: BTreeSet<String> = manifest.allocations.iter().map(|a| a.id.clone()).collect();
+    let mut files = dir_entries(&shm.0);
+    files.remove("manifest.json");
+    files.remove(".lock");
+    assert_eq!(files, listed, "directory vs manifest");
+    assert_eq!(listed.len(), 4, "two live workers, two segments each: {listed:?}");
+    for a in &manifest.allocations {
+        let pid_ok = a.owner.contains(&format!("pid {})", m.primary_pid)) || a.owner.contains(&format!("pid {})", m.spare_pid));
+        assert!(pid_ok, "{} owned by {} which is neither primary {} nor spare {}", a.id, a.owner, m.primary_pid, m.spare_pid);
+    }
+    assert_eq!(manifest.stats.active_count, 4);
+    assert_eq!(manifest.stats.leaked_count, 0);
+
+    assert_eq!(open_fd_count(), fds_before, "supervisor fd count changed over 50 cycles");
+    sup.shutdown().unwrap();
+    assert!(!shm.0.exists(), "shm dir left behind after shutdown");
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs the whole audiowarden test suite on a fresh Debian 12 machine: installs what it needs,
+# runs every test with real-time scheduling, then again with SCHED_FIFO refused (a cpu cgroup
+# without an RT budget), then a short smoke run of the failover benchmark.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=(pkg-config)
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    missing=()
+    for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+    fi
+fi
+
+# The integration tests run one at a time: each starts a supervisor with RT threads and two
+# workers, and a 2-core machine is what they are meant to pass on.
+echo "== tests, with real-time scheduling where the machine grants it"
+cargo test --release --all-targets -- --test-threads=1
+
+cg=/sys/fs/cgroup/cpu
+if [ "$(id -u)" = 0 ] && [ -w "$cg/cgroup.procs" ] && [ -e "$cg/cpu.rt_runtime_us" ]; then
+    echo "== tests again, with SCHED_FIFO refused (cpu cgroup without an RT budget)"
+    nort="$cg/audiowarden-nort-$$"
+    mkdir "$nort"
+    echo 0 > "$nort/cpu.rt_runtime_us"
+    cleanup() { echo $$ > "$cg/cgroup.procs" 2>/dev/null || true; rmdir "$nort" 2>/dev/null || true; }
+    trap cleanup EXIT
+    (
+        echo $BASHPID > "$nort/cgroup.procs"
+        AW_EXPECT_NO_RT=1 cargo test --release --tests -- --test-threads=1
+    )
+    cleanup
+    trap - EXIT
+else
+    echo "== skipping the no-RT pass: needs root and a cgroup v1 cpu controller"
+fi
+
+echo "== failover benchmark (smoke run; the README's figures come from 500 cycles)"
+AW_BENCH_CYCLES=50 cargo bench --bench failover
