@@ -18,6 +18,9 @@ use crate::supervisor::{Shared, WorkerShm};
 /// needed (a few lookahead periods' worth); the bound keeps memory flat under a flood.
 const HISTORY: usize = 16_384;
 
+/// Blocks between the end of the workers' lookahead and a change's stamped frame.
+pub const STAMP_MARGIN_BLOCKS: u64 = 4;
+
 /// A rejected control value.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ControlError {
@@ -110,8 +113,11 @@ impl ControlCore {
         let mut st = self.lock();
         let (base, state) = choose()?;
         target.shm.ring.command_run(base, &state, read_index);
+        target.shm.running.store(true, std::sync::atomic::Ordering::Relaxed);
         for m in st.history.iter().filter(|m| m.seq > state.last_seq) {
-            target.ctl.push(*m);
+            if !target.ctl.push(*m) {
+                target.shm.diverged.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         target.shm.wake.notify();
         st.targets.retain(|t| t.worker_id != target.worker_id);
@@ -186,9 +192,10 @@ impl Control {
             return Err(ControlError::ShuttingDown);
         }
         // Stamp beyond anything a worker may have rendered: workers stay within `lookahead`
-        // blocks of the output position; two more blocks absorb the time until delivery.
+        // blocks of the output position; STAMP_MARGIN_BLOCKS more absorb the time until the
+        // message is in every ring (this thread may be preempted; workers count a late one).
         let pos = sh.position.load(Ordering::Acquire);
-        let apply_at = (pos + sh.config.lookahead_blocks as u64 + 2) * bf;
+        let apply_at = (pos + sh.config.lookahead_blocks as u64 + STAMP_MARGIN_BLOCKS) * bf;
         let seq = st.next_seq;
         st.next_seq += 1;
         let msg = ControlMsg::new(seq, apply_at, kind, value);
@@ -198,7 +205,9 @@ impl Control {
         st.history.push_back(msg);
         for t in &st.targets {
             if !t.ctl.push(msg) {
+                // Its stream would now differ from the others': the monitor replaces it.
                 sh.metrics.control_undelivered.fetch_add(1, Ordering::Relaxed);
+                t.shm.diverged.store(true, Ordering::Relaxed);
             }
             t.shm.wake.notify();
         }

@@ -168,6 +168,12 @@ impl Engine {
         }
     }
 
+    /// Pins the pending-message queue in memory (the render loop touches it every block).
+    pub fn lock_memory(&self) {
+        let bytes = std::mem::size_of_val(&*self.pending);
+        let _ = crate::sys::mlock(self.pending.as_ptr().cast(), bytes);
+    }
+
     pub fn state(&self) -> &EngineState {
         &self.state
     }

@@ -10,8 +10,8 @@ use common::*;
 
 fn three_random_kills(standby: StandbyMode, tag: &str) {
     let shm = ShmDir::new(tag);
-    let wav = wav_path(&shm, &format!("{tag}.wav"));
-    let cfg = config(&shm, OutputSpec::Wav(wav.clone()), standby, 1000.0, 0.5);
+    let wav = temp_wav(tag);
+    let cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), standby, 1000.0, 0.5);
     let sup = Supervisor::start(cfg.clone()).expect("start");
     let mut rng = Rng::new();
     for n in 1..=3 {
@@ -28,7 +28,7 @@ fn three_random_kills(standby: StandbyMode, tag: &str) {
     assert_eq!(m.replacements, 3);
     assert_eq!(m.underruns, 0, "underruns during failover: {m:?}");
     assert_eq!(m.failover_time_ms.count, 3);
-    assert_matches_reference(&wav, &cfg, &[], false);
+    assert_matches_reference(&wav.path, &cfg, &[], false);
     assert!(!shm.0.exists(), "shm dir left behind");
 }
 
@@ -46,8 +46,8 @@ fn warm_standby_three_kills_are_inaudible() {
 /// stamped frame, whichever worker renders that frame.
 fn change_around_kill(standby: StandbyMode, tag: &str) {
     let shm = ShmDir::new(tag);
-    let wav = wav_path(&shm, &format!("{tag}.wav"));
-    let cfg = config(&shm, OutputSpec::Wav(wav.clone()), standby, 1000.0, 0.5);
+    let wav = temp_wav(tag);
+    let cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), standby, 1000.0, 0.5);
     let sup = Supervisor::start(cfg.clone()).expect("start");
     let ctl = sup.control();
     let mut msgs = Vec::new();
@@ -70,7 +70,7 @@ fn change_around_kill(standby: StandbyMode, tag: &str) {
     assert_eq!(m.control_received, 3);
     assert_eq!(m.control_applied, 3, "last applied sequence number");
     assert_eq!(m.control_late, 0);
-    assert_matches_reference(&wav, &cfg, &msgs, false);
+    assert_matches_reference(&wav.path, &cfg, &msgs, false);
 }
 
 #[test]
@@ -86,8 +86,8 @@ fn warm_standby_change_at_kill_applies_once_at_its_frame() {
 #[test]
 fn stopped_primary_is_detected_killed_and_replaced() {
     let shm = ShmDir::new("sigstop");
-    let wav = wav_path(&shm, "sigstop.wav");
-    let cfg = config(&shm, OutputSpec::Wav(wav.clone()), StandbyMode::Hot, 1000.0, 0.5);
+    let wav = temp_wav("sigstop");
+    let cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), StandbyMode::Hot, 1000.0, 0.5);
     let mut sup = Supervisor::start(cfg.clone()).expect("start");
     let events = sup.take_events().unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -104,14 +104,14 @@ fn stopped_primary_is_detected_killed_and_replaced() {
     let hang = events.try_iter().find(|e| matches!(e, audiowarden::Event::HangDetected { pid, .. } if *pid == victim));
     assert!(hang.is_some(), "no HangDetected event");
     assert_eq!(m2.underruns, 0);
-    assert_matches_reference(&wav, &cfg, &[], false);
+    assert_matches_reference(&wav.path, &cfg, &[], false);
 }
 
 #[test]
 fn primary_and_spare_killed_together_both_rebuilt_and_stream_resumes() {
     let shm = ShmDir::new("both");
-    let wav = wav_path(&shm, "both.wav");
-    let cfg = config(&shm, OutputSpec::Wav(wav.clone()), StandbyMode::Hot, 1000.0, 0.5);
+    let wav = temp_wav("both");
+    let cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), StandbyMode::Hot, 1000.0, 0.5);
     let sup = Supervisor::start(cfg.clone()).expect("start");
     std::thread::sleep(Duration::from_millis(300));
     let m0 = sup.metrics();
@@ -128,7 +128,7 @@ fn primary_and_spare_killed_together_both_rebuilt_and_stream_resumes() {
     assert_ne!(m2.primary_pid, m0.spare_pid);
     assert!(m2.frames_played > m.frames_played, "audio did not resume");
     // The stream paused (underruns, counted) and resumed exactly where it stopped.
-    let skipped = assert_matches_reference(&wav, &cfg, &[], true);
+    let skipped = assert_matches_reference(&wav.path, &cfg, &[], true);
     assert_eq!(skipped as u64, m2.underruns, "silent blocks in the capture vs underruns counted");
     eprintln!("both killed: {} underruns while a cold worker started", m2.underruns);
 }

@@ -103,8 +103,8 @@ fn next_start_reclaims_what_a_killed_supervisor_left() {
 #[test]
 fn bad_values_are_refused_with_the_range_and_change_nothing() {
     let shm = ShmDir::new("badinput");
-    let wav = wav_path(&shm, "badinput.wav");
-    let cfg = config(&shm, OutputSpec::Wav(wav.clone()), StandbyMode::Hot, 1000.0, 0.5);
+    let wav = temp_wav("badinput");
+    let cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), StandbyMode::Hot, 1000.0, 0.5);
     let sup = Supervisor::start(cfg.clone()).expect("start");
     let ctl = sup.control();
     let mut rejected = 0;
@@ -131,7 +131,7 @@ fn bad_values_are_refused_with_the_range_and_change_nothing() {
     assert_eq!(m.control_rejected, rejected);
     assert_eq!(m.underruns, 0);
     // The output is exactly the untouched tone.
-    assert_matches_reference(&wav, &cfg, &[], false);
+    assert_matches_reference(&wav.path, &cfg, &[], false);
 }
 
 #[test]

@@ -143,14 +143,13 @@ impl Metrics {
 
     pub(crate) fn snapshot(&self, sample_rate: u32, uptime_s: f64) -> MetricsSnapshot {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (det, fo, rb, lat) = match self.windows.lock() {
-            Ok(w) => (
-                w.detection_ms.summary(),
-                w.failover_ms.summary(),
-                w.rebuild_ms.summary(),
-                w.control_latency_samples.summary(),
-            ),
-            Err(_) => Default::default(),
+        // Copy under the lock, sort outside it: the monitor (RT) records into these windows.
+        let copies = self.windows.lock().ok().map(|w| {
+            (w.detection_ms.clone(), w.failover_ms.clone(), w.rebuild_ms.clone(), w.control_latency_samples.clone())
+        });
+        let (det, fo, rb, lat) = match copies {
+            Some((a, b, c, d)) => (a.summary(), b.summary(), c.summary(), d.summary()),
+            None => Default::default(),
         };
         MetricsSnapshot {
             crash_count: r(&self.crash_count),

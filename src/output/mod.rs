@@ -34,19 +34,28 @@ impl Sink {
     }
 }
 
+/// The output thread's only memory besides its stack: allocated before the thread starts.
+pub(crate) struct Buffers {
+    block: Vec<f32>,
+    silence: Vec<f32>,
+}
+
+impl Buffers {
+    pub(crate) fn new(samples_per_block: usize) -> Buffers {
+        Buffers { block: vec![0.0; samples_per_block], silence: vec![0.0; samples_per_block] }
+    }
+}
+
 /// The output thread's body. Paced on CLOCK_MONOTONIC: period `n` ends at
 /// `start + n * block_frames / sample_rate`, computed exactly so the clock never drifts.
-pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink) {
+pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers) {
     match sys::set_fifo(sh.config.output_priority) {
         Ok(()) => sh.metrics.output_realtime.store(true, Ordering::Relaxed),
         Err(e) => tracing::warn!("output thread: SCHED_FIFO refused ({e}); playing without real-time priority"),
     }
     let bf = sh.config.block_frames as u64;
     let sr = sh.config.sample_rate as u64;
-    let spb = sh.geo.samples_per_block();
-    // The only allocations of this thread, before the loop.
-    let mut block = vec![0.0f32; spb];
-    let silence = vec![0.0f32; spb];
+    let Buffers { mut block, silence } = buffers;
     let start = sys::now_ns();
     let mut period: u64 = 0;
 
@@ -71,7 +80,9 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink) {
                 // Free the slot in every ring and wake the writers.
                 sh.table.for_each(|w| {
                     w.ring.set_read_index(pos + 1);
-                    w.wake.notify();
+                    if w.running.load(Ordering::Relaxed) {
+                        w.wake.notify();
+                    }
                     true
                 });
             }
@@ -81,6 +92,7 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink) {
             }
         }
         // Every reference into the table taken this period is dead now.
-        sh.epoch.fetch_add(1, Ordering::Release);
+        // SeqCst pairs with the monitor's SeqCst clear-then-read-epoch (see SlotTable).
+        sh.epoch.fetch_add(1, Ordering::SeqCst);
     }
 }

@@ -51,8 +51,10 @@ struct Status {
     duplicates: AtomicU64,
 }
 
+/// Written once by the supervisor before the worker exists; read by the worker at attach.
+/// Only ever accessed through raw pointers (a faulty worker could scribble on it).
 #[repr(C)]
-struct Header {
+struct Geometry {
     magic: u64,
     version: u32,
     block_frames: u32,
@@ -60,11 +62,22 @@ struct Header {
     slot_stride: u32,
     sample_rate: u32,
     channels: u32,
+}
+
+/// The fields both processes touch while running: all atomics or UnsafeCell.
+#[repr(C)]
+struct Live {
     command: Line<AtomicU64>,
     handoff: Line<UnsafeCell<Handoff>>,
     read_index: Line<AtomicU64>,
     write_index: Line<AtomicU64>,
     status: Line<Status>,
+}
+
+#[repr(C)]
+struct Header {
+    geometry: Line<Geometry>,
+    live: Live,
 }
 
 const STATE_BYTES: usize = std::mem::size_of::<EngineState>();
@@ -120,7 +133,7 @@ impl AudioRing {
         // SAFETY: the mapping is at least header-sized (checked above), page-aligned, and no
         // worker has it yet, so these plain writes race with nobody.
         unsafe {
-            let h = ring.map.ptr().cast::<Header>();
+            let h = std::ptr::addr_of_mut!((*ring.map.ptr().cast::<Header>()).geometry.0);
             (*h).block_frames = geo.block_frames;
             (*h).slots = geo.slots;
             (*h).slot_stride = geo.slot_stride() as u32;
@@ -140,9 +153,10 @@ impl AudioRing {
         if map.len() < RingGeometry::header_size() {
             return Err(bad("audio ring segment too small"));
         }
-        // SAFETY: the mapping holds at least a header; the supervisor wrote it before exec.
+        // SAFETY: the mapping holds at least a header; the supervisor wrote it before exec
+        // and nobody writes it since. Raw-pointer reads, no reference to shared memory.
         let (magic, version, geo, stride, channels) = unsafe {
-            let h = map.ptr().cast::<Header>();
+            let h = std::ptr::addr_of!((*map.ptr().cast::<Header>()).geometry.0);
             (
                 (*h).magic,
                 (*h).version,
@@ -169,10 +183,11 @@ impl AudioRing {
         self.geo
     }
 
-    fn header(&self) -> &Header {
-        // SAFETY: the mapping is at least header-sized and lives as long as `self`; fields
-        // shared across processes are atomics or UnsafeCell.
-        unsafe { &*self.map.ptr().cast::<Header>() }
+    fn header(&self) -> &Live {
+        // SAFETY: the mapping is at least header-sized and lives as long as `self`; the
+        // reference covers only the `Live` part, whose fields are all atomics or UnsafeCell,
+        // so concurrent writes by the worker are permitted.
+        unsafe { &(*self.map.ptr().cast::<Header>()).live }
     }
 
     fn slot_ptr(&self, block: u64) -> *mut u8 {
@@ -218,6 +233,8 @@ impl AudioRing {
         // (Acquire pairs with this Release), and it is idle now, so nobody reads concurrently.
         unsafe { std::ptr::write_volatile(h.handoff.0.get(), Handoff { base, state: *state }) };
         h.write_index.0.store(base, Ordering::Relaxed);
+        // May be a period stale (the output thread advances it concurrently): that only
+        // delays the worker's first render by a period; the output rewrites it every period.
         h.read_index.0.store(read_index, Ordering::Relaxed);
         let gen = (h.command.0.load(Ordering::Relaxed) >> 8) + 1;
         h.command.0.store((gen << 8) | MODE_RUN, Ordering::Release);
@@ -299,7 +316,10 @@ impl AudioRing {
         if state.frame != expected_end || !state.is_valid(self.geo.sample_rate) {
             return None;
         }
-        // The slot could have been recycled while we read it: re-check it is still in the window.
+        // The writer may recycle a slot once read_index has passed it, and writes the state
+        // last, so a recycled slot shows another frame or fails the checksum (rejected above);
+        // the window re-check catches a recycle that completed while we read. (The output
+        // thread reads only block == read_index, which is never recycled under it.)
         (self.write_index() <= block + self.geo.slots as u64).then_some(state)
     }
 
@@ -318,6 +338,26 @@ impl AudioRing {
         }
         // The state is re-validated after the copy: a torn block is rejected as a whole.
         (self.committed_state(block) == Some(state)).then_some(state)
+    }
+
+    /// Where a successor continues when this ring's worker died with the output at block
+    /// `pos`: the end of the unbroken run of valid blocks starting at `pos` (so no garbage
+    /// block is ever skipped over, which would leave a hole no ring can fill), or, if the
+    /// ring holds nothing at `pos`, its newest valid state.
+    pub fn handoff_state(&self, pos: u64) -> Option<(u64, EngineState)> {
+        let w = self.write_index();
+        if pos < w && pos + self.geo.slots as u64 >= w {
+            let mut end = None;
+            for b in pos..w {
+                match self.committed_state(b) {
+                    Some(s) => end = Some((b + 1, s)),
+                    None => break,
+                }
+            }
+            // Block `pos` itself is bad: continue from the end of the block before it.
+            return end.or_else(|| pos.checked_sub(1).and_then(|p| self.committed_state(p)).map(|s| (pos, s)));
+        }
+        self.last_valid_state(0)
     }
 
     /// The newest valid committed state at or after block `min_block`, walking back over
@@ -362,6 +402,28 @@ mod tests {
         r.set_read_index(1);
         assert_eq!(w.space(), 1);
         assert_eq!(r.last_valid_state(0).unwrap().0, 4);
+        assert_eq!(r.handoff_state(1).unwrap().0, 4);
+    }
+
+    #[test]
+    fn handoff_stops_before_a_garbage_block() {
+        let (f, r, _) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        let mut e = Engine::new(48_000, EngineState::initial(440.0, 0.5, ramp_frames(48_000)));
+        for b in 0..4 {
+            w.produce(b, |s| {
+                e.render(s);
+                let mut st = *e.state();
+                if b == 2 {
+                    st.check ^= 1; // corrupt block 2
+                }
+                st
+            });
+        }
+        // Newest valid is block 3, but a successor must continue after block 1.
+        assert_eq!(r.last_valid_state(0).unwrap().0, 4);
+        assert_eq!(r.handoff_state(0).unwrap().0, 2);
+        assert_eq!(r.handoff_state(2).unwrap().0, 2, "pos itself bad: continue from pos-1's end");
     }
 
     #[test]

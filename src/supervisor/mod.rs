@@ -45,6 +45,11 @@ pub const CONTROL_CAPACITY: u32 = 4096;
 pub struct WorkerShm {
     pub ring: AudioRing,
     pub wake: EventFd,
+    /// The worker renders (the output wakes only those).
+    pub running: AtomicBool,
+    /// A control message could not be delivered to it: its stream no longer matches the
+    /// others', so the monitor replaces it.
+    pub diverged: AtomicBool,
 }
 
 /// Lock-free table of the rings the output thread plays from.
@@ -263,11 +268,13 @@ impl Supervisor {
         }
 
         let out_shared = shared.clone();
+        // The output thread's buffers, allocated here so mlockall below pins them.
+        let buffers = output::Buffers::new(shared.geo.samples_per_block());
         sup.output = Some(
             std::thread::Builder::new()
                 .name("aw-output".into())
                 .stack_size(THREAD_STACK)
-                .spawn(move || output::run(out_shared, sink))
+                .spawn(move || output::run(out_shared, sink, buffers))
                 .map_err(StartError::Thread)?,
         );
         // Lock what exists now (code, the threads' stacks and buffers, the rings). Not

@@ -82,6 +82,7 @@ struct Worker {
     hb_stalled_since: Option<u64>,
     hang_detected_ns: Option<u64>,
     dead_since: Option<u64>,
+    spawned_ns: u64,
 }
 
 /// A failover in progress: done once the new primary holds block `need`.
@@ -111,7 +112,16 @@ pub(crate) struct Monitor {
     next_id: u64,
     exe: std::path::PathBuf,
     block_ns: u64,
+    last_tick_ns: u64,
+    /// A replacement primary whose spawn failed: (handoff, detection time), retried.
+    pending_primary: Option<((u64, EngineState), u64)>,
+    /// A spare whose spawn failed (with what it replaces), retried.
+    spare_retry: Option<Option<u64>>,
+    last_retry_ns: u64,
 }
+
+/// Minimum interval between retries of a failed spawn.
+const RETRY_NS: u64 = 100_000_000;
 
 impl Monitor {
     pub(crate) fn new(sh: Arc<Shared>, stop: Arc<EventFd>, events: Sender<Event>) -> std::io::Result<Monitor> {
@@ -133,6 +143,10 @@ impl Monitor {
             next_id: 1,
             exe,
             block_ns,
+            last_tick_ns: sys::now_ns(),
+            pending_primary: None,
+            spare_retry: None,
+            last_retry_ns: 0,
         })
     }
 
@@ -236,8 +250,14 @@ impl Monitor {
         let ctl = Arc::new(ControlRing::create(ctl_file, CONTROL_CAPACITY).map_err(|e| format!("map control ring: {e}"))?);
         let wake = EventFd::new(true).map_err(|e| e.to_string())?;
         let event = EventFd::new(true).map_err(|e| e.to_string())?;
-        let shm = Arc::new(WorkerShm { ring, wake });
+        let shm = Arc::new(WorkerShm {
+            ring,
+            wake,
+            running: std::sync::atomic::AtomicBool::new(false),
+            diverged: std::sync::atomic::AtomicBool::new(false),
+        });
         let fds = WorkerFds { ring: ring_file, ctl: ctl_file, wake: shm.wake.raw(), event: event.raw() };
+        let t_spawn = sys::now_ns();
         let pid = spawn_worker(&self.exe, &fds, self.sh.config.render_priority).map_err(|e| format!("spawn {}: {e}", self.exe.display()))?;
         let pidfd = match sys::pidfd_open(pid as i32) {
             Ok(fd) => fd,
@@ -282,6 +302,7 @@ impl Monitor {
             hb_stalled_since: None,
             hang_detected_ns: None,
             dead_since: None,
+            spawned_ns: t_spawn,
         });
         Ok(())
     }
@@ -320,6 +341,7 @@ impl Monitor {
         let now = sys::now_ns();
         if self.workers[i].phase == Phase::Spawning && self.workers[i].shm.ring.is_ready() {
             self.workers[i].phase = Phase::Idle;
+            tracing::debug!(pid = self.workers[i].pid, "worker-{} ready {} µs after spawn", self.workers[i].id, (now - self.workers[i].spawned_ns) / 1000);
             if self.workers[i].shm.ring.worker_realtime() {
                 self.sh.metrics.worker_realtime.store(true, Ordering::Relaxed);
             } else if self.workers[i].role == Role::Primary {
@@ -419,53 +441,61 @@ impl Monitor {
         w.phase = Phase::Dead;
         w.role = Role::Draining;
         w.dead_since = Some(now);
+        w.shm.running.store(false, Ordering::Relaxed);
+        self.sh.metrics.crash_count.fetch_add(1, Ordering::Relaxed);
+
+        // Take over first; bookkeeping, logging and the rebuild come after. The worker that
+        // replaces this one (and counts as its replacement) is the new spare, unless the
+        // primary had to be started cold, which then is the replacement itself.
+        let spare_replaces = match role {
+            Role::Primary => self.replace_primary(i, detected).then_some(detected),
+            Role::Spare => {
+                self.sh.metrics.spare_ready.store(false, Ordering::Release);
+                self.sh.metrics.spare_pid.store(0, Ordering::Relaxed);
+                Some(detected)
+            }
+            Role::Draining => None,
+        };
         self.sh.control.remove_target(id);
         if let Ok(mut book) = self.sh.shm.lock() {
             for s in &self.workers[i].segments {
                 book.held.insert(s.clone(), Some(now));
             }
         }
-        self.sh.metrics.crash_count.fetch_add(1, Ordering::Relaxed);
         self.sh.metrics.record(|m| m.detection_ms.push((now - detected) as f64 / 1e6));
         tracing::warn!(WORKER_PID = pid, ROLE = role.name(), "worker {pid} ({}) {status}", role.name());
         let _ = self.events.send(Event::WorkerDied { pid, role: role.name(), status, detected_ns: detected });
-
-        match role {
-            Role::Primary => self.replace_primary(i, detected),
-            Role::Spare => {
-                self.sh.metrics.spare_ready.store(false, Ordering::Release);
-                self.sh.metrics.spare_pid.store(0, Ordering::Relaxed);
-                self.ensure_spare(Some(detected));
-            }
-            Role::Draining => {}
+        if role != Role::Draining {
+            self.ensure_spare(spare_replaces);
         }
     }
 
-    fn replace_primary(&mut self, dead: usize, detected: u64) {
+    /// Promotes the spare (returns true) or starts a primary cold (false).
+    fn replace_primary(&mut self, dead: usize, detected: u64) -> bool {
         let old_pid = self.workers[dead].pid;
-        // Where the stream continues: the dead primary's newest valid committed state.
-        let handoff = self.workers[dead].shm.ring.last_valid_state(0).or(self.workers[dead].start_from).unwrap_or_else(|| {
-            // Nothing valid in its ring: resync from the control targets at the output
-            // position (an audible discontinuity, counted).
+        let pos = self.pos();
+        // Where the stream continues: the end of the dead primary's unbroken run of valid
+        // committed blocks from the output position, else where it was told to start.
+        let handoff = self.workers[dead].shm.ring.handoff_state(pos).or(self.workers[dead].start_from).unwrap_or_else(|| {
+            // Nothing valid anywhere: resync from the control targets at the output position
+            // (an audible discontinuity, counted).
             self.sh.metrics.state_resyncs.fetch_add(1, Ordering::Relaxed);
             let (f, g) = self.sh.control.params();
             let mut s = EngineState::initial(f, g, ramp_frames(self.sh.config.sample_rate));
-            let base = self.pos();
-            s.frame = base * self.sh.geo.block_frames as u64;
+            s.frame = pos * self.sh.geo.block_frames as u64;
             s.seal();
-            (base, s)
+            (pos, s)
         });
         // The block the new primary must hold for the takeover to be complete: a hot standby
         // already renders the same stream, so the very next block the output needs; anyone
         // else continues where the dead primary's committed blocks end.
         let spare = self.find(Role::Spare);
         let hot = spare.is_some_and(|s| matches!(self.workers[s].phase, Phase::Running { .. }));
-        let need = if hot { self.pos() } else { handoff.0.max(self.pos()) };
-        match spare {
+        let need = if hot { pos } else { handoff.0.max(pos) };
+        let (new_id, promoted) = match spare {
             Some(s) => {
                 let w = &mut self.workers[s];
                 w.role = Role::Primary;
-                let id = w.id;
                 self.sh.table.set_active(w.slot);
                 self.sh.metrics.primary_pid.store(w.pid, Ordering::Relaxed);
                 self.sh.metrics.spare_pid.store(0, Ordering::Relaxed);
@@ -473,27 +503,29 @@ impl Monitor {
                 match w.phase {
                     // Hot: already rendering the same stream; the table switch is the takeover.
                     Phase::Running { .. } => {}
-                    // Warm: continue from the dead primary's state.
+                    // Warm: continue from the dead primary's state (kept as start_from in
+                    // case it dies before its first commit).
                     Phase::Idle => {
+                        w.start_from = Some(handoff);
                         self.activate(s, Some(handoff));
                     }
                     // Still starting: it will start from there once ready.
-                    _ => self.workers[s].start_from = Some(handoff),
+                    _ => w.start_from = Some(handoff),
                 }
-                // Take over first, rebuild after: the spawn costs milliseconds.
-                self.failovers.push(PendingFailover { detected_ns: detected, old_pid, new_id: id, need });
-                self.check_failovers(sys::now_ns());
-                self.ensure_spare(Some(detected));
+                (self.workers[s].id, true)
             }
             None => {
                 let id = self.next_id;
                 if let Err(e) = self.spawn(Role::Primary, Some(handoff), Some(detected)) {
                     tracing::error!("cannot start a replacement primary: {e}");
+                    self.pending_primary = Some((handoff, detected));
                 }
-                self.failovers.push(PendingFailover { detected_ns: detected, old_pid, new_id: id, need });
-                self.ensure_spare(None);
+                (id, false)
             }
-        }
+        };
+        self.failovers.push(PendingFailover { detected_ns: detected, old_pid, new_id, need });
+        self.check_failovers(sys::now_ns());
+        promoted
     }
 
     fn ensure_spare(&mut self, replaces: Option<u64>) {
@@ -502,38 +534,83 @@ impl Monitor {
         }
         if let Err(e) = self.spawn(Role::Spare, None, replaces) {
             tracing::error!("cannot start a standby worker: {e}");
+            self.spare_retry = Some(replaces);
+        }
+    }
+
+    /// Retries spawns that failed (no free slot, exec failure, shm full), at most once per
+    /// RETRY_NS, so a persistent failure neither spins nor gives up.
+    fn retry_spawns(&mut self, now: u64) {
+        if now.saturating_sub(self.last_retry_ns) < RETRY_NS {
+            return;
+        }
+        if let Some((handoff, detected)) = self.pending_primary {
+            if self.find(Role::Primary).is_none() {
+                self.last_retry_ns = now;
+                match self.spawn(Role::Primary, Some(handoff), Some(detected)) {
+                    Ok(()) => self.pending_primary = None,
+                    Err(e) => tracing::error!("retrying the replacement primary: {e}"),
+                }
+            } else {
+                self.pending_primary = None;
+            }
+        }
+        if let Some(replaces) = self.spare_retry.take() {
+            self.last_retry_ns = now;
+            self.ensure_spare(replaces);
         }
     }
 
     // ---- the heartbeat tick ----------------------------------------------------------------
 
     fn tick(&mut self, now: u64) {
-        let hang_ns = self.sh.config.hang_timeout_blocks as u64 * self.block_ns;
+        // A late tick means this (RT) thread was stalled too: the heartbeat evidence of that
+        // interval is unreliable, so every stall clock restarts.
+        let late_tick = now.saturating_sub(self.last_tick_ns) > 2 * self.block_ns;
+        self.last_tick_ns = now;
         let output_running = self.sh.epoch.load(Ordering::Acquire) > 0;
+        let mut killed_this_tick = false;
         for i in 0..self.workers.len() {
             self.advance(i);
             let w = &mut self.workers[i];
             if !matches!(w.phase, Phase::Running { .. }) || w.hang_detected_ns.is_some() || !output_running {
                 continue;
             }
+            if w.shm.diverged.load(Ordering::Relaxed) {
+                w.hang_detected_ns = Some(now);
+                tracing::warn!(WORKER_PID = w.pid, "worker {} missed a control message; replacing it", w.pid);
+                let _ = sys::pidfd_send_signal(&w.pidfd, libc::SIGKILL);
+                continue;
+            }
+            // Without real-time priority a healthy worker can be kept off the CPU for a while:
+            // give it half the lookahead instead of the configured timeout.
+            let blocks = if w.shm.ring.worker_realtime() {
+                self.sh.config.hang_timeout_blocks as u64
+            } else {
+                (self.sh.config.hang_timeout_blocks as u64).max(self.sh.geo.slots as u64 / 2)
+            };
             let write = w.shm.ring.write_index();
-            if write != w.hb_write {
+            if write != w.hb_write || late_tick {
                 w.hb_write = write;
                 w.hb_stalled_since = None;
             } else if w.shm.ring.space() > 0 {
                 // Room to render, yet no progress: the clock starts now.
                 let since = *w.hb_stalled_since.get_or_insert(now);
-                if now - since >= hang_ns {
+                // One hang kill per tick: never take down primary and standby on the same
+                // (possibly machine-wide) stall.
+                if now - since >= blocks * self.block_ns && !killed_this_tick {
+                    killed_this_tick = true;
                     w.hang_detected_ns = Some(now);
                     self.sh.metrics.hang_kills.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(WORKER_PID = w.pid, "worker {} made no progress for {} µs: declared hung, killing it", w.pid, (now - since) / 1000);
-                    let _ = self.events.send(Event::HangDetected { pid: w.pid, detected_ns: now });
                     let _ = sys::pidfd_send_signal(&w.pidfd, libc::SIGKILL);
+                    tracing::warn!(WORKER_PID = w.pid, "worker {} made no progress for {} µs: declared hung, killed", w.pid, (now - since) / 1000);
+                    let _ = self.events.send(Event::HangDetected { pid: w.pid, detected_ns: now });
                 }
             }
         }
         let late = self.workers.iter().filter(|w| w.phase != Phase::Dead).map(|w| w.shm.ring.control_stats().0).max().unwrap_or(0);
         self.sh.metrics.control_late.fetch_max(late, Ordering::Relaxed);
+        self.retry_spawns(now);
         self.reclaim(now);
     }
 
@@ -545,9 +622,11 @@ impl Monitor {
         let mut k = 0;
         while k < self.workers.len() {
             let w = &self.workers[k];
+            // Drained: the output has passed its blocks, or it holds nothing playable at `pos`
+            // (the successor was handed the state before any garbage, so nothing is lost).
             let drained = w.shm.ring.write_index() <= pos || w.shm.ring.committed_state(pos).is_none();
             let stale = w.dead_since.is_some_and(|d| now - d > 1_000_000_000);
-            if w.phase == Phase::Dead && (drained || stale || !self.sh.running.load(Ordering::Relaxed)) {
+            if w.phase == Phase::Dead && (drained || stale) {
                 let w = self.workers.remove(k);
                 self.sh.table.clear(w.slot);
                 self.retired.push(Retired { shm: w.shm, segments: w.segments, epoch: self.sh.epoch.load(Ordering::SeqCst) });
@@ -557,7 +636,9 @@ impl Monitor {
         }
         let mut j = 0;
         while j < self.retired.len() {
-            if epoch >= self.retired[j].epoch + 2 || !self.sh.running.load(Ordering::Relaxed) {
+            // Freed only after the output thread completed two more periods (shutdown frees
+            // the rest, after the output thread has been joined).
+            if epoch >= self.retired[j].epoch + 2 {
                 let r = self.retired.remove(j);
                 let segs = r.segments.clone();
                 drop(r.shm);

@@ -143,6 +143,7 @@ fn run(a: WorkerArgs) -> Result<std::convert::Infallible, String> {
     let mut engine = Engine::new(geo.sample_rate, EngineState::initial(440.0, 0.0, 1));
     let mut scratch = vec![0.0f32; geo.samples_per_block()];
     engine.render(&mut scratch); // warms the code path and the caches
+    engine.lock_memory();
     let _ = ring.lock();
     let _ = ctl.lock();
     sys::prefault_stack(STACK_PREFAULT);

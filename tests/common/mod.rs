@@ -114,9 +114,20 @@ pub fn assert_matches_reference(wav: &Path, cfg: &Config, msgs: &[ControlMsg], s
     skipped
 }
 
-pub fn wav_path(shm: &ShmDir, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("aw-test-{}", std::process::id()));
+/// A capture file in a per-test temporary directory, removed (with the directory) on drop.
+pub struct TempWav {
+    dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl Drop for TempWav {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn temp_wav(name: &str) -> TempWav {
+    let dir = std::env::temp_dir().join(format!("aw-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let _ = shm;
-    dir.join(name)
+    TempWav { path: dir.join(format!("{name}.wav")), dir }
 }
