@@ -5,7 +5,7 @@
 //! kill: what a plain restart-on-failure supervisor gives), the distribution in microseconds
 //! of detection (kill -> pidfd readable), failover (kill -> the new primary holds the next
 //! block the output needs) and rebuild (kill -> replacement ready), plus underruns and the
-//! number of events slower than 10 ms.
+//! number of events slower than 10 ms. AW_BENCH_MODES=hot,warm,none selects modes.
 
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
@@ -82,6 +82,26 @@ fn run(standby: StandbyMode, cycles: usize) -> Run {
     r
 }
 
+/// The physical limit, measured in the same run: SIGKILL of a small idle process (`sleep`,
+/// ~1 MiB resident) to its pidfd becoming readable, polled by the killing thread itself.
+fn pidfd_baseline(n: usize) -> Vec<f64> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let child = std::process::Command::new("sleep").arg("60").spawn().expect("spawn sleep");
+        let pidfd = audiowarden::sys::pidfd_open(child.id() as i32).expect("pidfd_open");
+        std::thread::sleep(Duration::from_millis(3));
+        let t0 = now_ns();
+        // SAFETY: kill(2) on the child we just spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let mut pfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 5000) };
+        v.push((now_ns() - t0) as f64 / 1e3);
+        let _ = audiowarden::sys::pidfd_reap(&pidfd);
+    }
+    v
+}
+
 fn row(name: &str, v: &mut [f64]) {
     v.sort_by(f64::total_cmp);
     let slow = v.iter().filter(|&&x| x > 10_000.0).count();
@@ -102,7 +122,15 @@ fn main() {
     let cycles: usize = std::env::var("AW_BENCH_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(500);
     println!("failover benchmark: {cycles} SIGKILLs of the primary per mode, 48 kHz, 64-frame blocks, 8 blocks lookahead");
     println!("times in microseconds from the kill");
+    println!("baseline: kill -> pidfd readable of a small idle process, same thread");
+    row("pidfd", &mut pidfd_baseline(cycles.min(300)));
+    // AW_BENCH_MODES=hot,warm,none (default: all three).
+    let modes = std::env::var("AW_BENCH_MODES").unwrap_or_else(|_| "hot,warm,none".into());
     for (name, mode) in [("hot standby", StandbyMode::Hot), ("warm standby", StandbyMode::Warm), ("no standby (cold restart baseline)", StandbyMode::None)] {
+        let key = format!("{mode:?}").to_lowercase();
+        if !modes.split(',').any(|m| m == key) {
+            continue;
+        }
         let mut r = run(mode, cycles);
         println!("{name}: underruns {} (realtime: {})", r.underruns, r.realtime);
         row("detection", &mut r.detection);

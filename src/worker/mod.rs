@@ -147,15 +147,52 @@ fn run(a: WorkerArgs) -> Result<std::convert::Infallible, String> {
     let _ = ring.lock();
     let _ = ctl.lock();
     sys::prefault_stack(STACK_PREFAULT);
+    let fault = TestFault::from_env();
     let realtime = sys::set_fifo(a.priority).is_ok();
 
     ring.set_status(std::process::id(), realtime);
     event.notify();
-    render_loop(&ring, &ctl, &wake, &event, &mut engine)
+    render_loop(&ring, &ctl, &wake, &event, &mut engine, fault)
+}
+
+/// TEST-ONLY fault switch, for the containment tests: with
+/// `AUDIOWARDEN_TEST_FAULT=garbage:PATH` in the environment, the first worker to render 50
+/// blocks and to create PATH (O_EXCL, so exactly one worker ever does) publishes one block of
+/// garbage (NaN samples, a state that fails its checksum) and aborts, like a worker
+/// corrupting its memory as it dies. Never set it in production.
+struct TestFault {
+    marker: Option<std::ffi::CString>,
+}
+
+impl TestFault {
+    fn from_env() -> TestFault {
+        let marker = std::env::var("AUDIOWARDEN_TEST_FAULT")
+            .ok()
+            .and_then(|v| v.strip_prefix("garbage:").map(str::to_owned))
+            .and_then(|p| std::ffi::CString::new(p).ok());
+        TestFault { marker }
+    }
+
+    /// Called after each rendered block; true if this worker must now die with garbage.
+    fn fires(&mut self, rendered: u64) -> bool {
+        if rendered < 50 {
+            return false;
+        }
+        let Some(path) = self.marker.take() else { return false };
+        // SAFETY: open(2) with a valid NUL-terminated path; the fd is closed right away.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC, 0o600) };
+        if fd < 0 {
+            return false;
+        }
+        // SAFETY: closing the fd just opened.
+        unsafe { libc::close(fd) };
+        true
+    }
 }
 
 /// The render loop (audio thread: see module docs). Runs until the process is killed.
-fn render_loop(ring: &AudioRing, ctl: &ControlRing, wake: &EventFd, event: &EventFd, engine: &mut Engine) -> ! {
+fn render_loop(ring: &AudioRing, ctl: &ControlRing, wake: &EventFd, event: &EventFd, engine: &mut Engine, mut fault: TestFault) -> ! {
+    let mut rendered = 0u64;
     let mut seen_command = 0u64;
     let mut running = false;
     let mut next_block = 0u64;
@@ -188,11 +225,22 @@ fn render_loop(ring: &AudioRing, ctl: &ControlRing, wake: &EventFd, event: &Even
                 if ring.space() == 0 {
                     break;
                 }
+                if fault.marker.is_some() && fault.fires(rendered) {
+                    ring.produce(next_block, |samples| {
+                        samples.fill(f32::NAN);
+                        let mut garbage = *engine.state();
+                        garbage.frame += samples.len() as u64 / 2;
+                        garbage.phase = 7.5; // out of range, and the checksum no longer matches
+                        garbage
+                    });
+                    std::process::abort();
+                }
                 ring.produce(next_block, |samples| {
                     engine.render(samples);
                     *engine.state()
                 });
                 next_block += 1;
+                rendered += 1;
                 if announce_first {
                     announce_first = false;
                     event.notify();

@@ -1,0 +1,39 @@
+//! Containment: a worker that publishes a garbage block (NaN samples, a state that fails its
+//! checksum) and dies. The garbage never reaches the output and the successor continues from
+//! the last valid block, so the capture is still the crash-free reference, bit for bit.
+//! Uses the worker's TEST-ONLY fault switch (AUDIOWARDEN_TEST_FAULT, see worker/mod.rs); its
+//! own test binary, since the switch travels through the process environment.
+
+mod common;
+
+use std::time::Duration;
+
+use audiowarden::{OutputSpec, StandbyMode, Supervisor};
+use common::*;
+
+fn garbage_then_death(standby: StandbyMode, tag: &str) {
+    let shm = ShmDir::new(tag);
+    let wav = temp_wav(tag);
+    let marker = wav.path.with_extension("fault");
+    std::env::set_var("AUDIOWARDEN_TEST_FAULT", format!("garbage:{}", marker.display()));
+    let cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), standby, 1000.0, 0.5);
+    let sup = Supervisor::start(cfg.clone()).expect("start");
+    wait_until("the faulty worker to die", Duration::from_secs(5), || sup.metrics().crash_count >= 1);
+    wait_rebuilt(&sup, 1);
+    std::thread::sleep(Duration::from_millis(700));
+    let m = sup.metrics();
+    sup.shutdown().unwrap();
+    std::env::remove_var("AUDIOWARDEN_TEST_FAULT");
+    assert!(marker.exists(), "the fault never fired");
+    assert_eq!(m.crash_count, 1);
+    assert_eq!(m.underruns, 0);
+    assert_eq!(m.state_resyncs, 0);
+    assert_matches_reference(&wav.path, &cfg, &[], false);
+}
+
+#[test]
+fn garbage_from_a_dying_worker_is_contained() {
+    // One after the other: the switch is process-wide.
+    garbage_then_death(StandbyMode::Warm, "garbage-warm");
+    garbage_then_death(StandbyMode::Hot, "garbage-hot");
+}
