@@ -33,11 +33,14 @@ fn wait_for<T>(rx: &Receiver<Event>, mut f: impl FnMut(&Event) -> Option<T>) -> 
 
 fn run(standby: StandbyMode, cycles: usize) -> Run {
     let dir = format!("/dev/shm/aw-bench-{}", std::process::id());
-    let mut cfg = Config::default();
-    cfg.shm_dir = dir.clone().into();
-    cfg.output = OutputSpec::Virtual;
-    cfg.standby = standby;
-    cfg.worker_exe = Some(env!("CARGO_BIN_EXE_audiowardend").into());
+    let cfg = Config {
+        shm_dir: dir.clone().into(),
+        output: OutputSpec::Virtual,
+        standby,
+        max_restarts: 1_000_000, // hundreds of kills on purpose: no crash-loop backoff
+        worker_exe: Some(env!("CARGO_BIN_EXE_audiowardend").into()),
+        ..Config::default()
+    };
     let mut sup = Supervisor::start(cfg).expect("start supervisor");
     let rx = sup.take_events().unwrap();
     std::thread::sleep(Duration::from_millis(200));
@@ -84,6 +87,7 @@ fn run(standby: StandbyMode, cycles: usize) -> Run {
 
 /// The physical limit, measured in the same run: SIGKILL of a small idle process (`sleep`,
 /// ~1 MiB resident) to its pidfd becoming readable, polled by the killing thread itself.
+#[allow(clippy::zombie_processes)] // reaped through the pidfd (waitid P_PIDFD)
 fn pidfd_baseline(n: usize) -> Vec<f64> {
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {

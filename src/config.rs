@@ -99,6 +99,16 @@ pub struct Config {
     #[arg(long, default_value_t = 2)]
     pub hang_timeout_blocks: u32,
 
+    /// Restart intensity: at most this many worker deaths within --restart-window-s before
+    /// new workers are started with an exponential backoff (a crash loop must not become a
+    /// fork bomb; the primary keeps playing, or silence is played, meanwhile).
+    #[arg(long, default_value_t = 100)]
+    pub max_restarts: u32,
+
+    /// The window of --max-restarts, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub restart_window_s: u32,
+
     /// Worker binary (default: this very binary, re-executed in the worker role).
     #[arg(long, hide = true)]
     pub worker_exe: Option<PathBuf>,
@@ -136,6 +146,12 @@ impl Config {
         }
         if !(1..=64).contains(&self.hang_timeout_blocks) {
             return err("hang-timeout-blocks", format!("{} is outside 1..=64 blocks", self.hang_timeout_blocks));
+        }
+        if !(1..=1_000_000).contains(&self.max_restarts) {
+            return err("max-restarts", format!("{} is outside 1..=1000000", self.max_restarts));
+        }
+        if !(1..=3600).contains(&self.restart_window_s) {
+            return err("restart-window-s", format!("{} is outside 1..=3600 seconds", self.restart_window_s));
         }
         if let Err(e) = crate::control::validate_frequency(self.frequency, self.sample_rate) {
             return err("frequency", e.to_string());

@@ -4,6 +4,17 @@
 # without an RT budget), then a short smoke run of the failover benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+log=$(mktemp)
+cg=/sys/fs/cgroup/cpu
+nort="$cg/audiowarden-nort-$$"
+cleanup() {
+    if [ -d "$nort" ]; then
+        echo $$ > "$cg/cgroup.procs" 2>/dev/null || true
+        rmdir "$nort" 2>/dev/null || true
+    fi
+    rm -f "$log"
+}
+trap cleanup EXIT
 
 need_pkgs=(pkg-config)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -18,25 +29,24 @@ fi
 # The integration tests run one at a time: each starts a supervisor with RT threads and two
 # workers, and a 2-core machine is what they are meant to pass on.
 echo "== tests, with real-time scheduling where the machine grants it"
-cargo test --release --all-targets -- --test-threads=1
+cargo test --release --all-targets -- --test-threads=1 2>&1 | tee -a "$log"
 
-cg=/sys/fs/cgroup/cpu
 if [ "$(id -u)" = 0 ] && [ -w "$cg/cgroup.procs" ] && [ -e "$cg/cpu.rt_runtime_us" ]; then
     echo "== tests again, with SCHED_FIFO refused (cpu cgroup without an RT budget)"
-    nort="$cg/audiowarden-nort-$$"
     mkdir "$nort"
     echo 0 > "$nort/cpu.rt_runtime_us"
-    cleanup() { echo $$ > "$cg/cgroup.procs" 2>/dev/null || true; rmdir "$nort" 2>/dev/null || true; }
-    trap cleanup EXIT
     (
         echo $BASHPID > "$nort/cgroup.procs"
-        AW_EXPECT_NO_RT=1 cargo test --release --tests -- --test-threads=1
+        AW_EXPECT_NO_RT=1 cargo test --release --tests -- --test-threads=1 2>&1 | tee -a "$log"
     )
-    cleanup
-    trap - EXIT
+    echo $$ > "$cg/cgroup.procs"
+    rmdir "$nort"
 else
     echo "== skipping the no-RT pass: needs root and a cgroup v1 cpu controller"
 fi
 
 echo "== failover benchmark (smoke run; the README's figures come from 500 cycles)"
 AW_BENCH_CYCLES=50 cargo bench --bench failover
+
+# One closing line over both passes (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "suite: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub stale_segments_reclaimed: AtomicU64,
     pub hang_kills: AtomicU64,
     pub state_resyncs: AtomicU64,
+    /// Worker starts postponed by the restart intensity limit (crash loop backoff).
+    pub throttled_spawns: AtomicU64,
     /// Output thread: periods in which no ring held the block the output needed.
     pub underruns: AtomicU64,
     pub frames_played: AtomicU64,
@@ -60,6 +62,7 @@ impl Default for Metrics {
             stale_segments_reclaimed: AtomicU64::new(0),
             hang_kills: AtomicU64::new(0),
             state_resyncs: AtomicU64::new(0),
+            throttled_spawns: AtomicU64::new(0),
             underruns: AtomicU64::new(0),
             frames_played: AtomicU64::new(0),
             control_applied: AtomicU64::new(0),
@@ -93,6 +96,7 @@ pub struct MetricsSnapshot {
     pub stale_segments_reclaimed: u64,
     pub hang_kills: u64,
     pub state_resyncs: u64,
+    pub throttled_spawns: u64,
     pub detection_time_ms: Dist,
     pub failover_time_ms: Dist,
     pub rebuild_time_ms: Dist,
@@ -159,6 +163,7 @@ impl Metrics {
             stale_segments_reclaimed: r(&self.stale_segments_reclaimed),
             hang_kills: r(&self.hang_kills),
             state_resyncs: r(&self.state_resyncs),
+            throttled_spawns: r(&self.throttled_spawns),
             detection_time_ms: det.into(),
             failover_time_ms: fo.into(),
             rebuild_time_ms: rb.into(),

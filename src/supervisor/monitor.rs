@@ -117,11 +117,17 @@ pub(crate) struct Monitor {
     pending_primary: Option<((u64, EngineState), u64)>,
     /// A spare whose spawn failed (with what it replaces), retried.
     spare_retry: Option<Option<u64>>,
-    last_retry_ns: u64,
+    /// No spawn before this instant (a failed spawn, or the crash-loop backoff).
+    spawn_not_before: u64,
+    /// Recent worker deaths (restart intensity window).
+    deaths: std::collections::VecDeque<u64>,
+    backoff_ns: u64,
 }
 
-/// Minimum interval between retries of a failed spawn.
+/// Minimum interval between retries of a failed spawn, and the first crash-loop backoff.
 const RETRY_NS: u64 = 100_000_000;
+/// Longest crash-loop backoff.
+const MAX_BACKOFF_NS: u64 = 5_000_000_000;
 
 impl Monitor {
     pub(crate) fn new(sh: Arc<Shared>, stop: Arc<EventFd>, events: Sender<Event>) -> std::io::Result<Monitor> {
@@ -146,7 +152,9 @@ impl Monitor {
             last_tick_ns: sys::now_ns(),
             pending_primary: None,
             spare_retry: None,
-            last_retry_ns: 0,
+            spawn_not_before: 0,
+            deaths: std::collections::VecDeque::new(),
+            backoff_ns: RETRY_NS,
         })
     }
 
@@ -402,8 +410,10 @@ impl Monitor {
         let mut done = Vec::new();
         for (k, f) in self.failovers.iter().enumerate() {
             let Some(w) = self.workers.iter().find(|w| w.id == f.new_id) else {
-                done.push(k); // the new primary died too; its own failover is tracked
-                continue;
+                if f.new_id < self.next_id {
+                    done.push(k); // the new primary died too; its own failover is tracked
+                }
+                continue; // not started yet (crash-loop backoff or a failed spawn)
             };
             let running = matches!(w.phase, Phase::Running { .. });
             if running && (w.shm.ring.write_index() > f.need || self.pos() > f.need) {
@@ -443,6 +453,7 @@ impl Monitor {
         w.dead_since = Some(now);
         w.shm.running.store(false, Ordering::Relaxed);
         self.sh.metrics.crash_count.fetch_add(1, Ordering::Relaxed);
+        self.deaths.push_back(now);
 
         // Take over first; bookkeeping, logging and the rebuild come after. The worker that
         // replaces this one (and counts as its replacement) is the new spare, unless the
@@ -516,9 +527,13 @@ impl Monitor {
             }
             None => {
                 let id = self.next_id;
-                if let Err(e) = self.spawn(Role::Primary, Some(handoff), Some(detected)) {
+                if !self.spawn_allowed(sys::now_ns()) {
+                    // Crash loop: silence plays (counted as underruns) until the backoff ends.
+                    self.pending_primary = Some((handoff, detected));
+                } else if let Err(e) = self.spawn(Role::Primary, Some(handoff), Some(detected)) {
                     tracing::error!("cannot start a replacement primary: {e}");
                     self.pending_primary = Some((handoff, detected));
+                    self.spawn_not_before = sys::now_ns() + RETRY_NS;
                 }
                 (id, false)
             }
@@ -528,36 +543,76 @@ impl Monitor {
         promoted
     }
 
+    /// May a worker be started now? False during a failed spawn's retry delay or while the
+    /// restart intensity is exceeded (then the backoff doubles, up to MAX_BACKOFF_NS).
+    fn spawn_allowed(&mut self, now: u64) -> bool {
+        if now < self.spawn_not_before {
+            return false;
+        }
+        let window = self.sh.config.restart_window_s as u64 * 1_000_000_000;
+        while self.deaths.front().is_some_and(|&d| now.saturating_sub(d) > window) {
+            self.deaths.pop_front();
+        }
+        if self.deaths.len() > self.sh.config.max_restarts as usize {
+            self.sh.metrics.throttled_spawns.fetch_add(1, Ordering::Relaxed);
+            self.spawn_not_before = now + self.backoff_ns;
+            tracing::warn!(
+                "{} worker deaths within {} s (limit {}): next worker start in {} ms",
+                self.deaths.len(),
+                self.sh.config.restart_window_s,
+                self.sh.config.max_restarts,
+                self.backoff_ns / 1_000_000
+            );
+            self.backoff_ns = (self.backoff_ns * 2).min(MAX_BACKOFF_NS);
+            return false;
+        }
+        if self.deaths.len() <= self.sh.config.max_restarts as usize / 2 {
+            self.backoff_ns = RETRY_NS;
+        }
+        true
+    }
+
     fn ensure_spare(&mut self, replaces: Option<u64>) {
         if self.sh.config.standby == StandbyMode::None || self.find(Role::Spare).is_some() {
+            return;
+        }
+        if !self.spawn_allowed(sys::now_ns()) {
+            self.spare_retry = Some(replaces);
             return;
         }
         if let Err(e) = self.spawn(Role::Spare, None, replaces) {
             tracing::error!("cannot start a standby worker: {e}");
             self.spare_retry = Some(replaces);
+            self.spawn_not_before = sys::now_ns() + RETRY_NS;
         }
     }
 
     /// Retries spawns that failed (no free slot, exec failure, shm full), at most once per
     /// RETRY_NS, so a persistent failure neither spins nor gives up.
     fn retry_spawns(&mut self, now: u64) {
-        if now.saturating_sub(self.last_retry_ns) < RETRY_NS {
-            return;
-        }
         if let Some((handoff, detected)) = self.pending_primary {
-            if self.find(Role::Primary).is_none() {
-                self.last_retry_ns = now;
-                match self.spawn(Role::Primary, Some(handoff), Some(detected)) {
-                    Ok(()) => self.pending_primary = None,
-                    Err(e) => tracing::error!("retrying the replacement primary: {e}"),
-                }
-            } else {
+            if self.find(Role::Primary).is_some() {
                 self.pending_primary = None;
+            } else if self.spawn_allowed(now) {
+                let id = self.next_id;
+                match self.spawn(Role::Primary, Some(handoff), Some(detected)) {
+                    Ok(()) => {
+                        self.pending_primary = None;
+                        for f in self.failovers.iter_mut().filter(|f| f.detected_ns == detected) {
+                            f.new_id = id;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("retrying the replacement primary: {e}");
+                        self.spawn_not_before = now + RETRY_NS;
+                    }
+                }
             }
         }
-        if let Some(replaces) = self.spare_retry.take() {
-            self.last_retry_ns = now;
-            self.ensure_spare(replaces);
+        if self.pending_primary.is_none() && now >= self.spawn_not_before {
+            if let Some(replaces) = self.spare_retry.take() {
+                self.ensure_spare(replaces);
+            }
         }
     }
 

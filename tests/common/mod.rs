@@ -27,14 +27,15 @@ impl Drop for ShmDir {
 }
 
 pub fn config(shm: &ShmDir, output: OutputSpec, standby: StandbyMode, freq: f64, gain: f64) -> Config {
-    let mut c = Config::default();
-    c.shm_dir = shm.0.clone();
-    c.output = output;
-    c.standby = standby;
-    c.frequency = freq;
-    c.gain = gain;
-    c.worker_exe = Some(PathBuf::from(env!("CARGO_BIN_EXE_audiowardend")));
-    c
+    Config {
+        shm_dir: shm.0.clone(),
+        output,
+        standby,
+        frequency: freq,
+        gain,
+        worker_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_audiowardend"))),
+        ..Config::default()
+    }
 }
 
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
