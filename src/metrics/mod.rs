@@ -118,21 +118,7 @@ pub struct MetricsSnapshot {
 }
 
 /// A distribution over the rolling window: last value, percentiles, max, count ever.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Dist {
-    pub last: f64,
-    pub p50: f64,
-    pub p95: f64,
-    pub p99: f64,
-    pub max: f64,
-    pub count: u64,
-}
-
-impl From<Summary> for Dist {
-    fn from(s: Summary) -> Dist {
-        Dist { last: s.last, p50: s.p50, p95: s.p95, p99: s.p99, max: s.max, count: s.count }
-    }
-}
+pub type Dist = Summary;
 
 impl Metrics {
     pub(crate) fn record(&self, f: impl FnOnce(&mut Windows)) {
@@ -164,9 +150,9 @@ impl Metrics {
             hang_kills: r(&self.hang_kills),
             state_resyncs: r(&self.state_resyncs),
             throttled_spawns: r(&self.throttled_spawns),
-            detection_time_ms: det.into(),
-            failover_time_ms: fo.into(),
-            rebuild_time_ms: rb.into(),
+            detection_time_ms: det,
+            failover_time_ms: fo,
+            rebuild_time_ms: rb,
             underruns: r(&self.underruns),
             frames_played: r(&self.frames_played),
             control_received: r(&self.control_received),

@@ -20,7 +20,7 @@ pub struct RollingWindow {
 }
 
 /// Distribution of the samples currently in a window.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Summary {
     /// Most recent sample.
     pub last: f64,
