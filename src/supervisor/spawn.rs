@@ -48,8 +48,16 @@ pub(crate) fn spawn_worker(exe: &Path, fds: &WorkerFds<'_>, render_priority: i32
         render_priority,
         std::process::id()
     );
-    // argv[0] names the service in ps/top even when exe is /proc/self/exe.
-    let child = Command::new(exe).arg0("audiowardend").arg("--worker").arg(spec).stdin(Stdio::null()).spawn()?;
+    // argv[0] names the service in ps/top even when exe is /proc/self/exe. A process group of
+    // its own: a terminal's Ctrl-C, Ctrl-Z or Ctrl-\ goes to the supervisor, which stops its
+    // workers itself, instead of killing or stopping them behind its back.
+    let child = Command::new(exe)
+        .arg0("audiowardend")
+        .arg("--worker")
+        .arg(spec)
+        .stdin(Stdio::null())
+        .process_group(0)
+        .spawn()?;
     // The duplicates close here (drop); the child has its own copies.
     Ok(child.id())
 }
