@@ -4,8 +4,9 @@
 //! Prints, for hot standby, warm standby and no standby (a worker started cold after each
 //! kill: what a plain restart-on-failure supervisor gives), the distribution in microseconds
 //! of detection (kill -> pidfd readable), failover (kill -> the new primary holds the next
-//! block the output needs) and rebuild (kill -> replacement ready), plus underruns and the
-//! number of events slower than 10 ms. AW_BENCH_MODES=hot,warm,none selects modes.
+//! block the output needs), rebuild (kill -> a new spare ready) and, with a reserve worker,
+//! refill (kill -> the new reserve ready: the pool is whole again), plus underruns and the
+//! number of events slower than 10 ms. AW_BENCH_MODES=hot,hot-qos,hot-noreserve,warm,none selects.
 
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use audiowarden::sys::now_ns;
 use audiowarden::{Config, Event, OutputSpec, StandbyMode, Supervisor};
 
 struct Run {
+    refill: Vec<f64>,
     detection: Vec<f64>,
     failover: Vec<f64>,
     rebuild: Vec<f64>,
@@ -31,13 +33,15 @@ fn wait_for<T>(rx: &Receiver<Event>, mut f: impl FnMut(&Event) -> Option<T>) -> 
     }
 }
 
-fn run(standby: StandbyMode, cycles: usize) -> Run {
+fn run(standby: StandbyMode, reserve_workers: u32, qos: Option<u32>, cycles: usize) -> Run {
     let dir = format!("/dev/shm/aw-bench-{}", std::process::id());
     let cfg = Config {
         shm_dir: dir.clone().into(),
         output: OutputSpec::Virtual,
         standby,
         max_restarts: 1_000_000, // hundreds of kills on purpose: no crash-loop backoff
+        reserve_workers,
+        cpu_latency_qos_us: qos,
         worker_exe: Some(env!("CARGO_BIN_EXE_audiowardend").into()),
         ..Config::default()
     };
@@ -45,7 +49,7 @@ fn run(standby: StandbyMode, cycles: usize) -> Run {
     let rx = sup.take_events().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let u0 = sup.metrics().underruns;
-    let mut r = Run { detection: vec![], failover: vec![], rebuild: vec![], underruns: 0, realtime: sup.metrics().realtime };
+    let mut r = Run { refill: vec![], detection: vec![], failover: vec![], rebuild: vec![], underruns: 0, realtime: sup.metrics().realtime };
     for _ in 0..cycles {
         let victim = sup.metrics().primary_pid;
         let t_kill = now_ns();
@@ -73,6 +77,14 @@ fn run(standby: StandbyMode, cycles: usize) -> Run {
             })
         });
         let us = |t: u64| t.saturating_sub(t_kill) as f64 / 1e3;
+        if reserve_workers > 0 {
+            // The pool is whole again once the new reserve is ready.
+            let refilled = wait_for(&rx, |e| match *e {
+                Event::ReserveReady { ready_ns, .. } if ready_ns > t_kill => Some(ready_ns),
+                _ => None,
+            });
+            r.refill.push(us(refilled));
+        }
         r.detection.push(us(detected.expect("death reported before replacement")));
         r.failover.push(us(failover));
         r.rebuild.push(us(rebuilt));
@@ -128,17 +140,26 @@ fn main() {
     println!("times in microseconds from the kill");
     println!("baseline: kill -> pidfd readable of a small idle process, same thread");
     row("pidfd", &mut pidfd_baseline(cycles.min(300)));
-    // AW_BENCH_MODES=hot,warm,none (default: all three).
-    let modes = std::env::var("AW_BENCH_MODES").unwrap_or_else(|_| "hot,warm,none".into());
-    for (name, mode) in [("hot standby", StandbyMode::Hot), ("warm standby", StandbyMode::Warm), ("no standby (cold restart baseline)", StandbyMode::None)] {
-        let key = format!("{mode:?}").to_lowercase();
+    // AW_BENCH_MODES=hot,hot-qos,hot-noreserve,warm,none (default: all).
+    let modes = std::env::var("AW_BENCH_MODES").unwrap_or_else(|_| "hot,hot-qos,hot-noreserve,warm,none".into());
+    let all = [
+        ("hot", "hot standby + reserve (the default)", StandbyMode::Hot, 1, None),
+        ("hot-qos", "hot standby + reserve, --cpu-latency-qos-us 0", StandbyMode::Hot, 1, Some(0)),
+        ("hot-noreserve", "hot standby, no reserve", StandbyMode::Hot, 0, None),
+        ("warm", "warm standby + reserve", StandbyMode::Warm, 1, None),
+        ("none", "no standby (cold restart baseline)", StandbyMode::None, 0, None),
+    ];
+    for (key, name, mode, reserve, qos) in all {
         if !modes.split(',').any(|m| m == key) {
             continue;
         }
-        let mut r = run(mode, cycles);
+        let mut r = run(mode, reserve, qos, cycles);
         println!("{name}: underruns {} (realtime: {})", r.underruns, r.realtime);
         row("detection", &mut r.detection);
         row("failover", &mut r.failover);
         row("rebuild", &mut r.rebuild);
+        if !r.refill.is_empty() {
+            row("refill", &mut r.refill);
+        }
     }
 }

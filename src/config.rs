@@ -82,6 +82,13 @@ pub struct Config {
     #[arg(long, value_enum, default_value_t = StandbyMode::Hot)]
     pub standby: StandbyMode,
 
+    /// Reserve workers (0 or 1): started, mapped, locked and idle, one step behind the
+    /// standby. When the standby takes over, the reserve becomes the new standby at once
+    /// (no exec on the recovery path) and a new reserve is started in the background.
+    /// Ignored with `--standby none`.
+    #[arg(long, default_value_t = 1)]
+    pub reserve_workers: u32,
+
     /// SCHED_FIFO priority of the output thread (the highest of the service).
     #[arg(long, default_value_t = 80)]
     pub output_priority: i32,
@@ -108,6 +115,13 @@ pub struct Config {
     /// The window of --max-restarts, in seconds.
     #[arg(long, default_value_t = 10)]
     pub restart_window_s: u32,
+
+    /// Hold a CPU wake-up latency request (/dev/cpu_dma_latency, PM QoS) of this many µs
+    /// while running, so idle CPUs stay in shallow idle states and wake up at once: faster
+    /// crash detection (a killed worker exits sooner) at the cost of power (on a VM, idle
+    /// vCPUs poll instead of halting). Off by default; 0 is the lowest latency.
+    #[arg(long)]
+    pub cpu_latency_qos_us: Option<u32>,
 
     /// Worker binary (default: this very binary, re-executed in the worker role).
     #[arg(long, hide = true)]
@@ -146,6 +160,9 @@ impl Config {
         }
         if !(1..=64).contains(&self.hang_timeout_blocks) {
             return err("hang-timeout-blocks", format!("{} is outside 1..=64 blocks", self.hang_timeout_blocks));
+        }
+        if self.reserve_workers > 1 {
+            return err("reserve-workers", format!("{} is outside 0..=1", self.reserve_workers));
         }
         if !(1..=1_000_000).contains(&self.max_restarts) {
             return err("max-restarts", format!("{} is outside 1..=1000000", self.max_restarts));

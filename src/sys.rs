@@ -298,3 +298,11 @@ pub fn ticks_per_second() -> u64 {
         100
     }
 }
+
+/// A held PM QoS CPU latency request: in force while the returned file stays open.
+pub fn cpu_latency_request(us: u32) -> io::Result<std::fs::File> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).open("/dev/cpu_dma_latency")?;
+    f.write_all(&(us.min(i32::MAX as u32) as i32).to_ne_bytes())?;
+    Ok(f)
+}

@@ -13,15 +13,15 @@ use common::*;
 fn crash_looping_spares_are_throttled_and_audio_keeps_playing() {
     let shm = ShmDir::new("crashloop");
     let dir = temp_wav("crashloop");
-    // A worker binary that works twice (the first primary and spare), then fails at start-up.
+    // A worker binary that works three times (the first primary, spare and reserve), then
+    // fails at start-up.
     let script = dir.path.with_extension("sh");
     let counter = dir.path.with_extension("count");
-    // Two start tickets, taken atomically (mkdir): the primary and the spare start
-    // concurrently.
+    // Three start tickets, taken atomically (mkdir): the workers start concurrently.
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nif mkdir '{c}.1' 2>/dev/null || mkdir '{c}.2' 2>/dev/null; then exec '{w}' \"$@\"; fi\nexit 1\n",
+            "#!/bin/sh\nif mkdir '{c}.1' 2>/dev/null || mkdir '{c}.2' 2>/dev/null || mkdir '{c}.3' 2>/dev/null; then exec '{w}' \"$@\"; fi\nexit 1\n",
             c = counter.display(),
             w = env!("CARGO_BIN_EXE_audiowardend")
         ),
@@ -36,7 +36,7 @@ fn crash_looping_spares_are_throttled_and_audio_keeps_playing() {
     std::thread::sleep(Duration::from_millis(200));
     let victim = sup.metrics().primary_pid;
     signal(victim, libc::SIGKILL);
-    // The spare takes over; every replacement spare now dies at once.
+    // The spare takes over, the reserve becomes the spare; every new reserve now dies at once.
     std::thread::sleep(Duration::from_secs(3));
     let m = sup.metrics();
     let played_before = m.frames_played;
@@ -48,7 +48,8 @@ fn crash_looping_spares_are_throttled_and_audio_keeps_playing() {
     // Unthrottled, a spare dying at start-up every few ms gives hundreds of deaths in 3 s;
     // with 5 allowed and a backoff doubling from 100 ms, a handful.
     assert!(m.crash_count >= 6 && m.crash_count <= 15, "crash_count {}", m.crash_count);
-    assert!(!m.spare_ready);
+    assert!(m.spare_ready, "the reserve should have become the spare");
+    assert_eq!(m.reserve_pid, 0, "no reserve survives the crash loop");
     assert_eq!(m2.underruns, 0, "the primary kept playing");
     assert!(m2.frames_played > played_before);
 }

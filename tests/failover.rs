@@ -107,11 +107,14 @@ fn stopped_primary_is_detected_killed_and_replaced() {
     assert_matches_reference(&wav.path, &cfg, &[], false);
 }
 
-#[test]
-fn primary_and_spare_killed_together_both_rebuilt_and_stream_resumes() {
-    let shm = ShmDir::new("both");
-    let wav = temp_wav("both");
-    let cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), StandbyMode::Hot, 1000.0, 0.5);
+/// Primary and spare SIGKILLed together. With a reserve, it takes over like a warm standby;
+/// without one, a worker is started cold. Either way both are rebuilt and the stream resumes
+/// exactly where it stopped (any underruns are counted and are the only difference).
+fn both_killed(reserve_workers: u32, tag: &str) {
+    let shm = ShmDir::new(tag);
+    let wav = temp_wav(tag);
+    let mut cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), StandbyMode::Hot, 1000.0, 0.5);
+    cfg.reserve_workers = reserve_workers;
     let sup = Supervisor::start(cfg.clone()).expect("start");
     std::thread::sleep(Duration::from_millis(300));
     let m0 = sup.metrics();
@@ -130,5 +133,15 @@ fn primary_and_spare_killed_together_both_rebuilt_and_stream_resumes() {
     // The stream paused (underruns, counted) and resumed exactly where it stopped.
     let skipped = assert_matches_reference(&wav.path, &cfg, &[], true);
     assert_eq!(skipped as u64, m2.underruns, "silent blocks in the capture vs underruns counted");
-    eprintln!("both killed: {} underruns while a cold worker started", m2.underruns);
+    eprintln!("both killed ({tag}): {} underruns", m2.underruns);
+}
+
+#[test]
+fn primary_and_spare_killed_together_reserve_takes_over() {
+    both_killed(1, "both-reserve");
+}
+
+#[test]
+fn primary_and_spare_killed_together_cold_start_without_reserve() {
+    both_killed(0, "both-cold");
 }

@@ -33,9 +33,10 @@ fn sigterm_stops_workers_and_cleans_up_within_a_second() {
     let shm = ShmDir::new("sigterm");
     let mut child = start_daemon(&shm);
     let mut pids = Vec::new();
-    wait_until("the daemon to run two workers", Duration::from_secs(5), || {
+    // Primary, spare and reserve: two segments each.
+    wait_until("the daemon to run its three workers", Duration::from_secs(5), || {
         pids = manifest(&shm).map(|m| owner_pids(&m)).unwrap_or_default();
-        pids.len() == 4
+        pids.len() == 6
     });
     std::thread::sleep(Duration::from_millis(200));
     let t0 = Instant::now();
@@ -55,9 +56,9 @@ fn next_start_reclaims_what_a_killed_supervisor_left() {
     let shm = ShmDir::new("sigkill");
     let mut child = start_daemon(&shm);
     let mut m = None;
-    wait_until("the daemon to run two workers", Duration::from_secs(5), || {
+    wait_until("the daemon to run its three workers", Duration::from_secs(5), || {
         m = manifest(&shm);
-        m.as_ref().is_some_and(|m| m.allocations.len() == 4 && owner_pids(m).len() == 4)
+        m.as_ref().is_some_and(|m| m.allocations.len() == 6 && owner_pids(m).len() == 6)
     });
     let m = m.unwrap();
     signal(child.id(), libc::SIGKILL);
@@ -76,11 +77,14 @@ fn next_start_reclaims_what_a_killed_supervisor_left() {
     let cfg = config(&shm, OutputSpec::Virtual, StandbyMode::Hot, 440.0, 0.25);
     let sup = Supervisor::start(cfg).expect("restart");
     let after = sup.metrics();
-    assert_eq!(after.stale_segments_reclaimed, 4);
+    assert_eq!(after.stale_segments_reclaimed, 6);
     // Names repeat across instances (slot and generation restart), so check ownership: every
     // file in the dir is listed by the new manifest and owned by a new worker.
     let now = manifest(&shm).expect("new manifest");
-    let new_pids = [after.primary_pid, after.spare_pid];
+    // The reserve may still be starting: wait until every segment has its owner's pid.
+    wait_until("the new reserve", Duration::from_secs(2), || sup.metrics().reserve_pid != 0);
+    let after = sup.metrics();
+    let new_pids = [after.primary_pid, after.spare_pid, after.reserve_pid];
     for a in &now.allocations {
         let pid = owner_pids(&Manifest { allocations: vec![a.clone()], ..now.clone() })[0];
         assert!(new_pids.contains(&pid), "{} owned by {pid}, not by a new worker {new_pids:?}", a.id);

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub control_late: AtomicU64,
     pub primary_pid: AtomicU32,
     pub spare_pid: AtomicU32,
+    pub reserve_pid: AtomicU32,
     pub output_realtime: AtomicBool,
     pub monitor_realtime: AtomicBool,
     pub worker_realtime: AtomicBool,
@@ -72,6 +73,7 @@ impl Default for Metrics {
             control_late: AtomicU64::new(0),
             primary_pid: AtomicU32::new(0),
             spare_pid: AtomicU32::new(0),
+            reserve_pid: AtomicU32::new(0),
             output_realtime: AtomicBool::new(false),
             monitor_realtime: AtomicBool::new(false),
             worker_realtime: AtomicBool::new(false),
@@ -111,6 +113,7 @@ pub struct MetricsSnapshot {
     pub control_latency_p99_samples: u64,
     pub primary_pid: u32,
     pub spare_pid: u32,
+    pub reserve_pid: u32,
     pub realtime: bool,
     pub cpu_percent: f64,
     pub sample_rate: u32,
@@ -164,6 +167,7 @@ impl Metrics {
             control_latency_p99_samples: lat.p99 as u64,
             primary_pid: self.primary_pid.load(Ordering::Relaxed),
             spare_pid: self.spare_pid.load(Ordering::Relaxed),
+            reserve_pid: self.reserve_pid.load(Ordering::Relaxed),
             realtime: self.output_realtime.load(Ordering::Relaxed)
                 && self.monitor_realtime.load(Ordering::Relaxed)
                 && self.worker_realtime.load(Ordering::Relaxed),

@@ -57,7 +57,8 @@ fn audit(sh: &Shared, reported: &mut HashSet<String>) {
 
 /// CPU percent of one core used by the supervisor and its live workers since the last call.
 fn cpu(sh: &Shared, last: &mut Option<(u64, u64)>, hz: u64) {
-    let pids = [std::process::id(), sh.metrics.primary_pid.load(Ordering::Relaxed), sh.metrics.spare_pid.load(Ordering::Relaxed)];
+    let m = &sh.metrics;
+    let pids = [std::process::id(), m.primary_pid.load(Ordering::Relaxed), m.spare_pid.load(Ordering::Relaxed), m.reserve_pid.load(Ordering::Relaxed)];
     let ticks: u64 = pids.iter().filter(|&&p| p != 0).filter_map(|&p| sys::cpu_ticks(p)).sum();
     let now = sys::now_ns();
     if let Some((t0, n0)) = *last {

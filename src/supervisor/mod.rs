@@ -139,6 +139,8 @@ pub enum Event {
     Failover { old_pid: u32, new_pid: u32, detected_ns: u64, failover_ns: u64 },
     /// A replacement worker is ready for its role (a new spare, or a cold-started primary).
     Replaced { pid: u32, detected_ns: u64, ready_ns: u64 },
+    /// A new reserve worker is ready (started, mapped, locked, idle).
+    ReserveReady { pid: u32, spawned_ns: u64, ready_ns: u64 },
 }
 
 /// Why the supervisor could not start.
@@ -168,6 +170,8 @@ pub struct Supervisor {
     wav: Option<crate::output::wav::WavRecorder>,
     events: Option<Receiver<Event>>,
     shm_dir: PathBuf,
+    /// The PM QoS request, held while running (see --cpu-latency-qos-us).
+    _cpu_latency: Option<std::fs::File>,
 }
 
 /// Small stacks for our threads: with mlockall(MCL_FUTURE) every stack page is locked.
@@ -229,7 +233,18 @@ impl Supervisor {
             }
         };
 
+        let cpu_latency = shared.config.cpu_latency_qos_us.and_then(|us| match crate::sys::cpu_latency_request(us) {
+            Ok(f) => {
+                tracing::info!("holding a CPU wake-up latency request of {us} µs (/dev/cpu_dma_latency)");
+                Some(f)
+            }
+            Err(e) => {
+                tracing::warn!("cannot hold a CPU latency request ({e}); idle CPUs may wake up slowly");
+                None
+            }
+        });
         let mut sup = Supervisor {
+            _cpu_latency: cpu_latency,
             shared: shared.clone(),
             stop: stop.clone(),
             monitor: None,

@@ -2,8 +2,10 @@
 //! first block, caught up), a heartbeat timer, and the stop fd. It decides every failover,
 //! builds spares, and reclaims the shared memory of dead workers once drained.
 //!
-//! Roles: one `Primary` (its slot is the table's active one), at most one `Spare`, and dead
-//! workers `Draining` (their committed blocks stay playable) until the output has passed them.
+//! Roles: one `Primary` (its slot is the table's active one), at most one `Spare`, at most one
+//! `Reserve` (idle, promoted to spare when the spare takes over, so recovery never waits for an
+//! exec), and dead workers `Draining` (their committed blocks stay playable) until the output
+//! has passed them.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -35,6 +37,8 @@ const TERM_TIMEOUT: Duration = Duration::from_millis(300);
 enum Role {
     Primary,
     Spare,
+    /// Started and idle, one step behind the spare (see `--reserve-workers`).
+    Reserve,
     Draining,
 }
 
@@ -43,6 +47,7 @@ impl Role {
         match self {
             Role::Primary => "primary",
             Role::Spare => "spare",
+            Role::Reserve => "reserve",
             Role::Draining => "draining",
         }
     }
@@ -117,6 +122,8 @@ pub(crate) struct Monitor {
     pending_primary: Option<((u64, EngineState), u64)>,
     /// A spare whose spawn failed (with what it replaces), retried.
     spare_retry: Option<Option<u64>>,
+    /// A reserve whose spawn failed or was throttled, retried.
+    reserve_retry: Option<Option<u64>>,
     /// No spawn before this instant (a failed spawn, or the crash-loop backoff).
     spawn_not_before: u64,
     /// Recent worker deaths (restart intensity window).
@@ -152,6 +159,7 @@ impl Monitor {
             last_tick_ns: sys::now_ns(),
             pending_primary: None,
             spare_retry: None,
+            reserve_retry: None,
             spawn_not_before: 0,
             deaths: std::collections::VecDeque::new(),
             backoff_ns: RETRY_NS,
@@ -173,6 +181,7 @@ impl Monitor {
             if let Err(e) = self.spawn(Role::Spare, None, None) {
                 tracing::error!("cannot start the standby worker: {e}");
             }
+            self.ensure_reserve(None);
         }
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];
         loop {
@@ -285,11 +294,14 @@ impl Monitor {
             }
         }
         self.sh.table.set(slot, &shm);
-        if role == Role::Primary {
-            self.sh.table.set_active(slot);
-            self.sh.metrics.primary_pid.store(pid, Ordering::Relaxed);
-        } else {
-            self.sh.metrics.spare_pid.store(pid, Ordering::Relaxed);
+        match role {
+            Role::Primary => {
+                self.sh.table.set_active(slot);
+                self.sh.metrics.primary_pid.store(pid, Ordering::Relaxed);
+            }
+            Role::Spare => self.sh.metrics.spare_pid.store(pid, Ordering::Relaxed),
+            Role::Reserve => self.sh.metrics.reserve_pid.store(pid, Ordering::Relaxed),
+            Role::Draining => {}
         }
         tracing::debug!(pid, slot, role = role.name(), "spawned worker-{id}");
         self.workers.push(Worker {
@@ -365,7 +377,7 @@ impl Monitor {
             (Role::Spare, Phase::Idle) if self.sh.config.standby == StandbyMode::Hot => {
                 self.activate(i, None);
             }
-            (Role::Spare, Phase::Idle) => self.report_ready(i, now),
+            (Role::Spare, Phase::Idle) | (Role::Reserve, Phase::Idle) => self.report_ready(i, now),
             _ => {}
         }
         let w = &mut self.workers[i];
@@ -396,6 +408,9 @@ impl Monitor {
         w.ready_reported = true;
         if w.role == Role::Spare {
             self.sh.metrics.spare_ready.store(true, Ordering::Release);
+        }
+        if w.role == Role::Reserve {
+            let _ = self.events.send(Event::ReserveReady { pid: w.pid, spawned_ns: w.spawned_ns, ready_ns: now });
         }
         if let Some(detected) = w.replaces.take() {
             let ms = (now - detected) as f64 / 1e6;
@@ -465,6 +480,10 @@ impl Monitor {
                 self.sh.metrics.spare_pid.store(0, Ordering::Relaxed);
                 Some(detected)
             }
+            Role::Reserve => {
+                self.sh.metrics.reserve_pid.store(0, Ordering::Relaxed);
+                None
+            }
             Role::Draining => None,
         };
         self.sh.control.remove_target(id);
@@ -476,8 +495,10 @@ impl Monitor {
         self.sh.metrics.record(|m| m.detection_ms.push((now - detected) as f64 / 1e6));
         tracing::warn!(WORKER_PID = pid, ROLE = role.name(), "worker {pid} ({}) {status}", role.name());
         let _ = self.events.send(Event::WorkerDied { pid, role: role.name(), status, detected_ns: detected });
-        if role != Role::Draining {
-            self.ensure_spare(spare_replaces);
+        match role {
+            Role::Primary | Role::Spare => self.ensure_spare(spare_replaces),
+            Role::Reserve => self.ensure_reserve(Some(detected)),
+            Role::Draining => {}
         }
     }
 
@@ -500,17 +521,23 @@ impl Monitor {
         // The block the new primary must hold for the takeover to be complete: a hot standby
         // already renders the same stream, so the very next block the output needs; anyone
         // else continues where the dead primary's committed blocks end.
-        let spare = self.find(Role::Spare);
+        // The spare takes over; if there is none (it died too), the reserve does, like a
+        // warm standby.
+        let spare = self.find(Role::Spare).or_else(|| self.find(Role::Reserve));
         let hot = spare.is_some_and(|s| matches!(self.workers[s].phase, Phase::Running { .. }));
         let need = if hot { pos } else { handoff.0.max(pos) };
         let (new_id, promoted) = match spare {
             Some(s) => {
                 let w = &mut self.workers[s];
+                if w.role == Role::Reserve {
+                    self.sh.metrics.reserve_pid.store(0, Ordering::Relaxed);
+                } else {
+                    self.sh.metrics.spare_pid.store(0, Ordering::Relaxed);
+                    self.sh.metrics.spare_ready.store(false, Ordering::Release);
+                }
                 w.role = Role::Primary;
                 self.sh.table.set_active(w.slot);
                 self.sh.metrics.primary_pid.store(w.pid, Ordering::Relaxed);
-                self.sh.metrics.spare_pid.store(0, Ordering::Relaxed);
-                self.sh.metrics.spare_ready.store(false, Ordering::Release);
                 match w.phase {
                     // Hot: already rendering the same stream; the table switch is the takeover.
                     Phase::Running { .. } => {}
@@ -576,6 +603,19 @@ impl Monitor {
         if self.sh.config.standby == StandbyMode::None || self.find(Role::Spare).is_some() {
             return;
         }
+        if let Some(r) = self.find(Role::Reserve) {
+            // The reserve is already exec'd, mapped and locked: it becomes the spare now (a hot
+            // spare is started from the primary's state by `advance`), a new reserve follows.
+            let w = &mut self.workers[r];
+            w.role = Role::Spare;
+            w.replaces = replaces;
+            w.ready_reported = false;
+            self.sh.metrics.spare_pid.store(w.pid, Ordering::Relaxed);
+            self.sh.metrics.reserve_pid.store(0, Ordering::Relaxed);
+            self.advance(r);
+            self.ensure_reserve(None);
+            return;
+        }
         if !self.spawn_allowed(sys::now_ns()) {
             self.spare_retry = Some(replaces);
             return;
@@ -583,6 +623,25 @@ impl Monitor {
         if let Err(e) = self.spawn(Role::Spare, None, replaces) {
             tracing::error!("cannot start a standby worker: {e}");
             self.spare_retry = Some(replaces);
+            self.spawn_not_before = sys::now_ns() + RETRY_NS;
+        }
+    }
+
+    /// Starts a reserve worker if the configuration wants one and there is none.
+    fn ensure_reserve(&mut self, replaces: Option<u64>) {
+        if self.sh.config.standby == StandbyMode::None
+            || self.sh.config.reserve_workers == 0
+            || self.find(Role::Reserve).is_some()
+        {
+            return;
+        }
+        if !self.spawn_allowed(sys::now_ns()) {
+            self.reserve_retry = Some(replaces);
+            return;
+        }
+        if let Err(e) = self.spawn(Role::Reserve, None, replaces) {
+            tracing::error!("cannot start a reserve worker: {e}");
+            self.reserve_retry = Some(replaces);
             self.spawn_not_before = sys::now_ns() + RETRY_NS;
         }
     }
@@ -612,6 +671,11 @@ impl Monitor {
         if self.pending_primary.is_none() && now >= self.spawn_not_before {
             if let Some(replaces) = self.spare_retry.take() {
                 self.ensure_spare(replaces);
+            }
+        }
+        if self.pending_primary.is_none() && self.spare_retry.is_none() && now >= self.spawn_not_before {
+            if let Some(replaces) = self.reserve_retry.take() {
+                self.ensure_reserve(replaces);
             }
         }
     }
