@@ -306,3 +306,18 @@ pub fn cpu_latency_request(us: u32) -> io::Result<std::fs::File> {
     f.write_all(&(us.min(i32::MAX as u32) as i32).to_ne_bytes())?;
     Ok(f)
 }
+
+/// What the scheduler says about a process: its state letter (R, S, D, T, ...) from
+/// /proc/PID/stat and its CPU time in ns from /proc/PID/schedstat. None if it is gone.
+pub struct SchedProbe {
+    pub state: char,
+    pub exec_ns: u64,
+}
+
+pub fn sched_probe(pid: u32) -> Option<SchedProbe> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat[stat.rfind(')')? + 2..].chars().next()?;
+    let sched = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    let exec_ns = sched.split_whitespace().next()?.parse().ok()?;
+    Some(SchedProbe { state, exec_ns })
+}

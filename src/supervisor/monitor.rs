@@ -85,6 +85,9 @@ struct Worker {
     // Heartbeat.
     hb_write: u64,
     hb_stalled_since: Option<u64>,
+    /// (time, CPU time) of a runnable worker at its heartbeat timeout, to tell spinning from
+    /// starved on the next tick.
+    hb_probe: Option<(u64, u64)>,
     hang_detected_ns: Option<u64>,
     dead_since: Option<u64>,
     spawned_ns: u64,
@@ -320,6 +323,7 @@ impl Monitor {
             ready_reported: false,
             hb_write: 0,
             hb_stalled_since: None,
+            hb_probe: None,
             hang_detected_ns: None,
             dead_since: None,
             spawned_ns: t_spawn,
@@ -345,6 +349,7 @@ impl Monitor {
         w.phase = Phase::Running { base };
         w.hb_write = base;
         w.hb_stalled_since = None;
+        w.hb_probe = None;
         true
     }
 
@@ -712,17 +717,41 @@ impl Monitor {
             if write != w.hb_write || late_tick {
                 w.hb_write = write;
                 w.hb_stalled_since = None;
+                w.hb_probe = None;
             } else if w.shm.ring.space() > 0 {
                 // Room to render, yet no progress: the clock starts now.
                 let since = *w.hb_stalled_since.get_or_insert(now);
-                // One hang kill per tick: never take down primary and standby on the same
-                // (possibly machine-wide) stall.
-                if now - since >= blocks * self.block_ns && !killed_this_tick {
+                let stalled = now - since;
+                if stalled < blocks * self.block_ns || killed_this_tick {
+                    continue;
+                }
+                // Timed out. Ask the scheduler what the worker is doing before killing it:
+                // stopped, or asleep with work to do, is hung; runnable is either spinning
+                // (hung) or waiting for a CPU (starved, not its fault): one more tick tells,
+                // by whether it got CPU time. Starvation is tolerated up to half the lookahead,
+                // after which the audio is at risk and it is replaced anyway.
+                let verdict = match sys::sched_probe(w.pid) {
+                    Some(p) if p.state == 'R' => match w.hb_probe {
+                        None => {
+                            w.hb_probe = Some((now, p.exec_ns));
+                            None
+                        }
+                        Some((t0, exec0)) => {
+                            let spinning = p.exec_ns.saturating_sub(exec0) * 2 >= now - t0;
+                            let hard_limit = stalled >= (self.sh.geo.slots as u64 / 2).max(blocks + 1) * self.block_ns;
+                            (spinning || hard_limit).then_some(if spinning { "spinning without progress" } else { "starved of CPU too long" })
+                        }
+                    },
+                    Some(p) if p.state == 'T' || p.state == 't' => Some("stopped"),
+                    Some(_) => Some("blocked with work to do"),
+                    None => None, // already gone: its pidfd will tell
+                };
+                if let Some(why) = verdict {
                     killed_this_tick = true;
                     w.hang_detected_ns = Some(now);
                     self.sh.metrics.hang_kills.fetch_add(1, Ordering::Relaxed);
                     let _ = sys::pidfd_send_signal(&w.pidfd, libc::SIGKILL);
-                    tracing::warn!(WORKER_PID = w.pid, "worker {} made no progress for {} µs: declared hung, killed", w.pid, (now - since) / 1000);
+                    tracing::warn!(WORKER_PID = w.pid, "worker {} made no progress for {} µs ({why}): declared hung, killed", w.pid, stalled / 1000);
                     let _ = self.events.send(Event::HangDetected { pid: w.pid, detected_ns: now });
                 }
             }

@@ -155,22 +155,29 @@ fn run(a: WorkerArgs) -> Result<std::convert::Infallible, String> {
     render_loop(&ring, &ctl, &wake, &event, &mut engine, fault)
 }
 
-/// TEST-ONLY fault switch, for the containment tests: with
-/// `AUDIOWARDEN_TEST_FAULT=garbage:PATH` in the environment, the first worker to render 50
-/// blocks and to create PATH (O_EXCL, so exactly one worker ever does) publishes one block of
-/// garbage (NaN samples, a state that fails its checksum) and aborts, like a worker
-/// corrupting its memory as it dies. Never set it in production.
+/// TEST-ONLY fault switch, for the containment tests. With `AUDIOWARDEN_TEST_FAULT=KIND:PATH`
+/// in the environment, the first worker to render 50 blocks and to create PATH (O_EXCL, so
+/// exactly one worker ever does) misbehaves:
+/// - `garbage`: publishes one block of garbage (NaN samples, a state that fails its checksum)
+///   and aborts, like a worker corrupting its memory as it dies;
+/// - `spin`: spins forever without rendering (an endless loop).
+///
+/// Never set it in production.
 struct TestFault {
     marker: Option<std::ffi::CString>,
+    spin: bool,
 }
 
 impl TestFault {
     fn from_env() -> TestFault {
-        let marker = std::env::var("AUDIOWARDEN_TEST_FAULT")
-            .ok()
-            .and_then(|v| v.strip_prefix("garbage:").map(str::to_owned))
-            .and_then(|p| std::ffi::CString::new(p).ok());
-        TestFault { marker }
+        let v = std::env::var("AUDIOWARDEN_TEST_FAULT").unwrap_or_default();
+        let (spin, path) = match (v.strip_prefix("garbage:"), v.strip_prefix("spin:")) {
+            (Some(p), _) => (false, Some(p)),
+            (_, Some(p)) => (true, Some(p)),
+            _ => (false, None),
+        };
+        let marker = path.and_then(|p| std::ffi::CString::new(p).ok());
+        TestFault { marker, spin }
     }
 
     /// Called after each rendered block; true if this worker must now die with garbage.
@@ -226,6 +233,11 @@ fn render_loop(ring: &AudioRing, ctl: &ControlRing, wake: &EventFd, event: &Even
                     break;
                 }
                 if fault.marker.is_some() && fault.fires(rendered) {
+                    if fault.spin {
+                        loop {
+                            std::hint::spin_loop();
+                        }
+                    }
                     ring.produce(next_block, |samples| {
                         samples.fill(f32::NAN);
                         let mut garbage = *engine.state();
