@@ -621,14 +621,24 @@ impl Monitor {
             self.ensure_reserve(None);
             return;
         }
-        if !self.spawn_allowed(sys::now_ns()) {
+        if !self.try_spawn(Role::Spare, replaces) {
             self.spare_retry = Some(replaces);
-            return;
         }
-        if let Err(e) = self.spawn(Role::Spare, None, replaces) {
-            tracing::error!("cannot start a standby worker: {e}");
-            self.spare_retry = Some(replaces);
-            self.spawn_not_before = sys::now_ns() + RETRY_NS;
+    }
+
+    /// Spawns an idle worker for `role` if the restart intensity allows it now. False (the
+    /// caller remembers to retry) when throttled or when the spawn failed.
+    fn try_spawn(&mut self, role: Role, replaces: Option<u64>) -> bool {
+        if !self.spawn_allowed(sys::now_ns()) {
+            return false;
+        }
+        match self.spawn(role, None, replaces) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("cannot start a {} worker: {e}", role.name());
+                self.spawn_not_before = sys::now_ns() + RETRY_NS;
+                false
+            }
         }
     }
 
@@ -640,14 +650,8 @@ impl Monitor {
         {
             return;
         }
-        if !self.spawn_allowed(sys::now_ns()) {
+        if !self.try_spawn(Role::Reserve, replaces) {
             self.reserve_retry = Some(replaces);
-            return;
-        }
-        if let Err(e) = self.spawn(Role::Reserve, None, replaces) {
-            tracing::error!("cannot start a reserve worker: {e}");
-            self.reserve_retry = Some(replaces);
-            self.spawn_not_before = sys::now_ns() + RETRY_NS;
         }
     }
 
