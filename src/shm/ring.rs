@@ -382,18 +382,27 @@ mod tests {
         (f, r, geo)
     }
 
+    /// Renders blocks `0..n` into the ring through `w`, corrupting the state of block `bad`.
+    fn fill(w: &AudioRing, n: u64, bad: Option<u64>) {
+        let mut e = Engine::new(48_000, EngineState::initial(440.0, 0.5, ramp_frames(48_000)));
+        for b in 0..n {
+            assert!(w.space() > 0);
+            w.produce(b, |s| {
+                e.render(s);
+                let mut st = *e.state();
+                if Some(b) == bad {
+                    st.check ^= 1;
+                }
+                st
+            });
+        }
+    }
+
     #[test]
     fn produce_then_read_round_trips_and_respects_space() {
         let (f, r, geo) = ring();
         let w = AudioRing::attach(f.as_file()).unwrap();
-        let mut e = Engine::new(48_000, EngineState::initial(440.0, 0.5, ramp_frames(48_000)));
-        for b in 0..4 {
-            assert!(w.space() > 0);
-            w.produce(b, |s| {
-                e.render(s);
-                *e.state()
-            });
-        }
+        fill(&w, 4, None);
         assert_eq!(w.space(), 0);
         let mut out = vec![0.0; geo.samples_per_block()];
         let st = r.read_block(0, &mut out).unwrap();
@@ -409,17 +418,7 @@ mod tests {
     fn handoff_stops_before_a_garbage_block() {
         let (f, r, _) = ring();
         let w = AudioRing::attach(f.as_file()).unwrap();
-        let mut e = Engine::new(48_000, EngineState::initial(440.0, 0.5, ramp_frames(48_000)));
-        for b in 0..4 {
-            w.produce(b, |s| {
-                e.render(s);
-                let mut st = *e.state();
-                if b == 2 {
-                    st.check ^= 1; // corrupt block 2
-                }
-                st
-            });
-        }
+        fill(&w, 4, Some(2)); // block 2 is garbage
         // Newest valid is block 3, but a successor must continue after block 1.
         assert_eq!(r.last_valid_state(0).unwrap().0, 4);
         assert_eq!(r.handoff_state(0).unwrap().0, 2);
