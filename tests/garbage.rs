@@ -28,9 +28,15 @@ fn fault(kind: &str, standby: StandbyMode, tag: &str) {
     assert!(marker.exists(), "the fault never fired");
     assert_eq!(m.crash_count, 1);
     assert_eq!(m.hang_kills, u64::from(kind == "spin"), "{m:?}");
-    assert_eq!(m.underruns, 0);
     assert_eq!(m.state_resyncs, 0);
-    assert_matches_reference(&wav.path, &cfg, &[], false);
+    // With real-time scheduling the takeover always fits the lookahead. Without it (CI's
+    // second pass) a warm standby was once seen a period late: the stream must then still
+    // continue exactly, the silent periods being exactly the underruns counted.
+    if m.realtime {
+        assert_eq!(m.underruns, 0, "{m:?}");
+    }
+    let skipped = assert_matches_reference(&wav.path, &cfg, &[], true);
+    assert_eq!(skipped as u64, m.underruns, "silent blocks in the capture vs underruns counted");
 }
 
 #[test]
