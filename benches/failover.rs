@@ -45,8 +45,8 @@ fn run(standby: StandbyMode, reserve_workers: u32, qos: Option<u32>, cycles: usi
         worker_exe: Some(env!("CARGO_BIN_EXE_audiowardend").into()),
         ..Config::default()
     };
-    let mut sup = Supervisor::start(cfg).expect("start supervisor");
-    let rx = sup.take_events().unwrap();
+    let sup = Supervisor::start(cfg).expect("start supervisor");
+    let rx = sup.subscribe();
     std::thread::sleep(Duration::from_millis(200));
     let u0 = sup.metrics().underruns;
     let mut r = Run { refill: vec![], detection: vec![], failover: vec![], rebuild: vec![], underruns: 0, realtime: sup.metrics().realtime };

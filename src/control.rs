@@ -73,6 +73,14 @@ pub(crate) struct ControlState {
     frequency: f64,
     gain: f64,
     stopping: bool,
+    /// Per kind: the stamped frame of the last message.
+    last_apply_at: [Option<u64>; 2],
+    /// Messages superseded by a later one of the same kind stamped for the same frame (the
+    /// engine applies both at that frame, so only the later one is ever heard), not yet
+    /// passed by the output. Bounded by the messages in flight.
+    coalesced_in_flight: VecDeque<u64>,
+    /// Coalesced messages the output has passed.
+    coalesced_played: u64,
 }
 
 /// The supervisor's control core, shared by the control entry points and the monitor.
@@ -90,6 +98,9 @@ impl ControlCore {
                 frequency,
                 gain,
                 stopping: false,
+                last_apply_at: [None; 2],
+                coalesced_in_flight: VecDeque::with_capacity(HISTORY),
+                coalesced_played: 0,
             }),
         }
     }
@@ -135,10 +146,27 @@ impl ControlCore {
         st.targets.clear();
     }
 
+    /// How many coalesced messages have a sequence number <= `played_seq` (the last message
+    /// in the played stream); forgets those.
+    pub(crate) fn coalesced_through(&self, played_seq: u64) -> u64 {
+        let mut st = self.lock();
+        st.prune_coalesced(played_seq);
+        st.coalesced_played
+    }
+
     /// Current targets (the last accepted values).
     pub(crate) fn params(&self) -> (f64, f64) {
         let st = self.lock();
         (st.frequency, st.gain)
+    }
+}
+
+impl ControlState {
+    fn prune_coalesced(&mut self, played_seq: u64) {
+        while self.coalesced_in_flight.front().is_some_and(|&s| s <= played_seq) {
+            self.coalesced_in_flight.pop_front();
+            self.coalesced_played += 1;
+        }
     }
 }
 
@@ -215,6 +243,22 @@ impl Control {
             ControlKind::SetFrequency => st.frequency = value,
             ControlKind::SetGain => st.gain = value,
         }
+        let k = kind as usize % 2;
+        if st.last_apply_at[k] == Some(apply_at) {
+            // The previous message of this kind (seq - 1 or earlier) is superseded.
+            let played = sh.metrics.played_seq.load(Ordering::Relaxed);
+            st.prune_coalesced(played);
+            if st.coalesced_in_flight.len() == HISTORY {
+                // Cannot happen while the output plays; keep the bound anyway.
+                st.coalesced_in_flight.pop_front();
+                st.coalesced_played += 1;
+            }
+            let prev = st.history.iter().rev().skip(1).find(|m| m.kind == kind as u32).map_or(0, |m| m.seq);
+            let at = st.coalesced_in_flight.partition_point(|&s| s < prev);
+            st.coalesced_in_flight.insert(at, prev);
+            sh.metrics.control_coalesced.fetch_add(1, Ordering::Relaxed);
+        }
+        st.last_apply_at[k] = Some(apply_at);
         drop(st);
         sh.metrics.control_received.fetch_add(1, Ordering::Relaxed);
         // Latency from "now" (output position plus the time since its last period began) to

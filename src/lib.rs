@@ -8,7 +8,10 @@
 
 pub mod config;
 pub mod control;
+pub mod ctl;
+pub mod dbus;
 pub mod engine;
+pub mod logging;
 pub mod metrics;
 pub mod output;
 pub mod shm;
@@ -19,4 +22,4 @@ pub mod worker;
 pub use config::{Config, OutputSpec, StandbyMode};
 pub use control::{Control, ControlError, Stamp};
 pub use metrics::MetricsSnapshot;
-pub use supervisor::{Event, StartError, Supervisor};
+pub use supervisor::{Event, Handle, StartError, State, Supervisor};

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
         return ExitCode::from(audiowarden::worker::main(&args[2..]) as u8);
     }
     let config = Config::parse();
-    init_logging();
+    audiowarden::logging::init();
     if let Err(e) = config.validate() {
         tracing::error!("{e}");
         return ExitCode::from(EXIT_CONFIG);
@@ -30,6 +30,14 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("cannot start: {e}");
             return ExitCode::from(EXIT_START);
+        }
+    };
+    // The D-Bus API; the audio does not depend on it (it retries if the bus is away).
+    let service = match audiowarden::dbus::service::Service::start(sup.handle()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!("cannot start the D-Bus thread: {e}");
+            None
         }
     };
     let summary_every = Duration::from_secs(10);
@@ -54,6 +62,8 @@ fn main() -> ExitCode {
             m.cpu_percent
         );
     }
+    // Announce `stopping` and release the bus name before the audio stops.
+    drop(service);
     match sup.shutdown() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -61,11 +71,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn block_signals() -> libc::sigset_t {

@@ -88,8 +88,8 @@ fn stopped_primary_is_detected_killed_and_replaced() {
     let shm = ShmDir::new("sigstop");
     let wav = temp_wav("sigstop");
     let cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), StandbyMode::Hot, 1000.0, 0.5);
-    let mut sup = Supervisor::start(cfg.clone()).expect("start");
-    let events = sup.take_events().unwrap();
+    let sup = Supervisor::start(cfg.clone()).expect("start");
+    let events = sup.subscribe();
     std::thread::sleep(Duration::from_millis(300));
     let victim = sup.metrics().primary_pid;
     signal(victim, libc::SIGSTOP);

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub replacements: AtomicU64,
     pub spare_ready: AtomicBool,
     pub shm_leaks: AtomicU64,
+    /// Segments in the manifest at the last audit.
+    pub shm_segments: AtomicU64,
     pub stale_segments_reclaimed: AtomicU64,
     pub hang_kills: AtomicU64,
     pub state_resyncs: AtomicU64,
@@ -28,8 +30,10 @@ pub struct Metrics {
     pub underruns: AtomicU64,
     pub frames_played: AtomicU64,
     /// Output thread: sequence number of the last control message in the played stream.
-    pub control_applied: AtomicU64,
+    pub played_seq: AtomicU64,
     pub control_received: AtomicU64,
+    /// Messages superseded by a later one stamped for the same frame (see control.rs).
+    pub control_coalesced: AtomicU64,
     pub control_rejected: AtomicU64,
     /// Deliveries that found a worker's control ring full (the worker gets a replay later).
     pub control_undelivered: AtomicU64,
@@ -60,14 +64,16 @@ impl Default for Metrics {
             replacements: AtomicU64::new(0),
             spare_ready: AtomicBool::new(false),
             shm_leaks: AtomicU64::new(0),
+            shm_segments: AtomicU64::new(0),
             stale_segments_reclaimed: AtomicU64::new(0),
             hang_kills: AtomicU64::new(0),
             state_resyncs: AtomicU64::new(0),
             throttled_spawns: AtomicU64::new(0),
             underruns: AtomicU64::new(0),
             frames_played: AtomicU64::new(0),
-            control_applied: AtomicU64::new(0),
+            played_seq: AtomicU64::new(0),
             control_received: AtomicU64::new(0),
+            control_coalesced: AtomicU64::new(0),
             control_rejected: AtomicU64::new(0),
             control_undelivered: AtomicU64::new(0),
             control_late: AtomicU64::new(0),
@@ -89,12 +95,13 @@ impl Default for Metrics {
 }
 
 /// A consistent-enough copy of every metric, for tests, logs and (later) D-Bus.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct MetricsSnapshot {
     pub crash_count: u64,
     pub replacements: u64,
     pub spare_ready: bool,
     pub shm_leaks: u64,
+    pub shm_segments: u64,
     pub stale_segments_reclaimed: u64,
     pub hang_kills: u64,
     pub state_resyncs: u64,
@@ -105,7 +112,9 @@ pub struct MetricsSnapshot {
     pub underruns: u64,
     pub frames_played: u64,
     pub control_received: u64,
+    /// Accepted messages heard in the played stream (not counting coalesced ones).
     pub control_applied: u64,
+    pub control_coalesced: u64,
     pub control_rejected: u64,
     pub control_undelivered: u64,
     pub control_late: u64,
@@ -149,6 +158,7 @@ impl Metrics {
             replacements: r(&self.replacements),
             spare_ready: self.spare_ready.load(Ordering::Relaxed),
             shm_leaks: r(&self.shm_leaks),
+            shm_segments: r(&self.shm_segments),
             stale_segments_reclaimed: r(&self.stale_segments_reclaimed),
             hang_kills: r(&self.hang_kills),
             state_resyncs: r(&self.state_resyncs),
@@ -159,7 +169,10 @@ impl Metrics {
             underruns: r(&self.underruns),
             frames_played: r(&self.frames_played),
             control_received: r(&self.control_received),
-            control_applied: r(&self.control_applied),
+            control_coalesced: r(&self.control_coalesced),
+            // Every sequence number up to this one is in the stream; the supervisor
+            // subtracts the coalesced ones.
+            control_applied: r(&self.played_seq),
             control_rejected: r(&self.control_rejected),
             control_undelivered: r(&self.control_undelivered),
             control_late: r(&self.control_late),

@@ -48,11 +48,12 @@ impl Buffers {
 
 /// The output thread's body. Paced on CLOCK_MONOTONIC: period `n` ends at
 /// `start + n * block_frames / sample_rate`, computed exactly so the clock never drifts.
-pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers) {
-    match sys::set_fifo(sh.config.output_priority) {
-        Ok(()) => sh.metrics.output_realtime.store(true, Ordering::Relaxed),
-        Err(e) => tracing::warn!("output thread: SCHED_FIFO refused ({e}); playing without real-time priority"),
-    }
+/// The outcome of the SCHED_FIFO request goes back through `rt` (this thread never logs).
+pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sync::mpsc::Sender<std::io::Result<()>>) {
+    let fifo = sys::set_fifo(sh.config.output_priority);
+    sh.metrics.output_realtime.store(fifo.is_ok(), Ordering::Relaxed);
+    let _ = rt.send(fifo);
+    drop(rt);
     let bf = sh.config.block_frames as u64;
     let sr = sh.config.sample_rate as u64;
     let Buffers { mut block, silence } = buffers;
@@ -76,7 +77,7 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers) {
                 sink.play(&block);
                 sh.position.store(pos + 1, Ordering::Release);
                 sh.metrics.frames_played.fetch_add(bf, Ordering::Relaxed);
-                sh.metrics.control_applied.store(state.last_seq, Ordering::Relaxed);
+                sh.metrics.played_seq.store(state.last_seq, Ordering::Relaxed);
                 // Free the slot in every ring and wake the writers.
                 sh.table.for_each(|w| {
                     w.ring.set_read_index(pos + 1);

@@ -37,7 +37,10 @@ fn audit(sh: &Shared, reported: &mut HashSet<String>) {
         None => false,
     };
     let report = match book.registry.as_mut() {
-        Some(reg) => reg.audit(&is_live),
+        Some(reg) => {
+            sh.metrics.shm_segments.store(reg.allocations().len() as u64, Ordering::Relaxed);
+            reg.audit(&is_live)
+        }
         None => return,
     };
     book.held = held;

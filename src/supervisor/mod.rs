@@ -121,6 +121,14 @@ pub(crate) struct Shared {
     pub started: Instant,
 }
 
+impl Shared {
+    fn snapshot(&self) -> MetricsSnapshot {
+        let mut m = self.metrics.snapshot(self.config.sample_rate, self.started.elapsed().as_secs_f64());
+        m.control_applied -= self.control.coalesced_through(m.control_applied).min(m.control_applied);
+        m
+    }
+}
+
 /// The registry plus what the monitor holds: segment id -> CLOCK_MONOTONIC ns at which its
 /// owner died (None while it lives). Audits compare the directory against both.
 pub(crate) struct ShmBook {
@@ -133,14 +141,151 @@ pub(crate) struct ShmBook {
 pub enum Event {
     /// A worker died (or was killed as hung). `detected_ns` is CLOCK_MONOTONIC.
     WorkerDied { pid: u32, role: &'static str, status: String, detected_ns: u64 },
-    /// A hung worker was declared dead and killed.
-    HangDetected { pid: u32, detected_ns: u64 },
+    /// A hung worker was declared dead and killed: no progress for `stalled_us`.
+    HangDetected { pid: u32, detected_ns: u64, stalled_us: u64, why: &'static str },
     /// The standby took over: it holds the next block the output needs.
     Failover { old_pid: u32, new_pid: u32, detected_ns: u64, failover_ns: u64 },
     /// A replacement worker is ready for its role (a new spare, or a cold-started primary).
-    Replaced { pid: u32, detected_ns: u64, ready_ns: u64 },
+    Replaced { pid: u32, role: &'static str, detected_ns: u64, ready_ns: u64 },
     /// A new reserve worker is ready (started, mapped, locked, idle).
     ReserveReady { pid: u32, spawned_ns: u64, ready_ns: u64 },
+    /// A worker was refused SCHED_FIFO (reported once per supervisor).
+    RealtimeRefused { pid: u32 },
+    /// A dead worker's segments were unlinked and dropped from the manifest.
+    Reclaimed { pid: u32, segments: Vec<String> },
+}
+
+impl Event {
+    /// Logs the event once, with structured fields (journald keeps them as fields).
+    fn log(&self) {
+        match self {
+            Event::WorkerDied { pid, role, status, .. } => {
+                tracing::warn!(WORKER_PID = pid, ROLE = role, STATUS = %status, "worker {pid} ({role}) {status}")
+            }
+            Event::HangDetected { pid, stalled_us, why, .. } => tracing::warn!(
+                WORKER_PID = pid,
+                STALL_US = stalled_us,
+                "worker {pid} made no progress for {stalled_us} µs ({why}): declared hung, killed"
+            ),
+            Event::Failover { old_pid, new_pid, detected_ns, failover_ns } => {
+                let us = failover_ns.saturating_sub(*detected_ns) / 1000;
+                tracing::info!(
+                    WORKER_PID = old_pid,
+                    NEW_PID = new_pid,
+                    FAILOVER_US = us,
+                    "failover: worker {new_pid} took over from {old_pid} in {:.3} ms",
+                    us as f64 / 1000.0
+                )
+            }
+            Event::Replaced { pid, role, detected_ns, ready_ns } => {
+                let us = ready_ns.saturating_sub(*detected_ns) / 1000;
+                tracing::info!(NEW_PID = pid, ROLE = role, REBUILD_US = us, "rebuilt: worker {pid} ready as {role} in {:.3} ms", us as f64 / 1000.0)
+            }
+            Event::ReserveReady { pid, spawned_ns, ready_ns } => {
+                tracing::debug!(NEW_PID = pid, "reserve worker {pid} ready {} µs after spawn", ready_ns.saturating_sub(*spawned_ns) / 1000)
+            }
+            Event::RealtimeRefused { pid } => tracing::warn!(
+                WORKER_PID = pid,
+                THREAD = "render",
+                "worker {pid}: SCHED_FIFO refused; rendering without real-time priority (realtime=false)"
+            ),
+            Event::Reclaimed { pid, segments } => {
+                let list = segments.join(",");
+                tracing::info!(WORKER_PID = pid, SEGMENT = %list, "reclaimed the segments of worker {pid}: {list}")
+            }
+        }
+    }
+}
+
+/// The lifecycle state, as D-Bus reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Workers starting, the output not yet playing.
+    Starting,
+    /// Playing, with the configured standby ready: a crash now is inaudible.
+    Running,
+    /// Playing, but without a ready standby (rebuilding, or a crash loop being throttled):
+    /// a crash now would be audible.
+    Degraded,
+    Stopping,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Degraded => "degraded",
+            State::Stopping => "stopping",
+        }
+    }
+}
+
+/// A cheap, cloneable view of a running supervisor for other threads (the D-Bus service):
+/// control, metrics, state and events, without ownership.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+    subscribers: Arc<Mutex<Vec<mpsc::Sender<Event>>>>,
+}
+
+impl Handle {
+    pub fn control(&self) -> Control {
+        Control { shared: self.shared.clone() }
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.shared.snapshot()
+    }
+
+    pub fn metrics_spare_ready(&self) -> bool {
+        self.shared.metrics.spare_ready.load(Ordering::Acquire)
+    }
+
+    pub fn primary_pid(&self) -> u32 {
+        self.shared.metrics.primary_pid.load(Ordering::Relaxed)
+    }
+
+    pub fn state(&self) -> State {
+        let sh = &self.shared;
+        if !sh.running.load(Ordering::Acquire) {
+            State::Stopping
+        } else if !sh.primed.load(Ordering::Acquire) {
+            State::Starting
+        } else if sh.metrics.primary_pid.load(Ordering::Relaxed) == 0
+            || (sh.config.standby != crate::config::StandbyMode::None && !sh.metrics.spare_ready.load(Ordering::Acquire))
+        {
+            State::Degraded
+        } else {
+            State::Running
+        }
+    }
+
+    /// Every event from now on. The receiver is dropped from the list once it is dropped.
+    pub fn subscribe(&self) -> Receiver<Event> {
+        let (tx, rx) = mpsc::channel();
+        self.subscribers.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
+        rx
+    }
+
+    /// The output position in frames.
+    pub fn position_frames(&self) -> u64 {
+        self.shared.position.load(Ordering::Acquire) * self.shared.config.block_frames as u64
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+}
+
+/// The event thread: logs each event once and hands it to every subscriber, so the monitor
+/// never blocks on a log sink or a slow reader.
+fn run_events(rx: Receiver<Event>, subscribers: Arc<Mutex<Vec<mpsc::Sender<Event>>>>) {
+    for ev in rx {
+        ev.log();
+        let mut subs = subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        subs.retain(|tx| tx.send(ev.clone()).is_ok());
+    }
 }
 
 /// Why the supervisor could not start.
@@ -167,8 +312,9 @@ pub struct Supervisor {
     monitor: Option<JoinHandle<()>>,
     output: Option<JoinHandle<()>>,
     housekeeping: Option<JoinHandle<()>>,
+    events: Option<JoinHandle<()>>,
     wav: Option<crate::output::wav::WavRecorder>,
-    events: Option<Receiver<Event>>,
+    subscribers: Arc<Mutex<Vec<mpsc::Sender<Event>>>>,
     shm_dir: PathBuf,
     /// The PM QoS request, held while running (see --cpu-latency-qos-us).
     _cpu_latency: Option<std::fs::File>,
@@ -250,11 +396,19 @@ impl Supervisor {
             monitor: None,
             output: None,
             housekeeping: None,
+            events: None,
             wav,
-            events: Some(events_rx),
+            subscribers: Arc::new(Mutex::new(Vec::new())),
             shm_dir,
         };
 
+        let subs = sup.subscribers.clone();
+        sup.events = Some(
+            std::thread::Builder::new()
+                .name("aw-events".into())
+                .spawn(move || run_events(events_rx, subs))
+                .map_err(StartError::Thread)?,
+        );
         let mon = monitor::Monitor::new(shared.clone(), stop.clone(), events_tx).map_err(StartError::Monitor)?;
         sup.monitor = Some(
             std::thread::Builder::new()
@@ -285,13 +439,17 @@ impl Supervisor {
         let out_shared = shared.clone();
         // The output thread's buffers, allocated here so mlockall below pins them.
         let buffers = output::Buffers::new(shared.geo.samples_per_block());
+        let (rt_tx, rt_rx) = mpsc::channel();
         sup.output = Some(
             std::thread::Builder::new()
                 .name("aw-output".into())
                 .stack_size(THREAD_STACK)
-                .spawn(move || output::run(out_shared, sink, buffers))
+                .spawn(move || output::run(out_shared, sink, buffers, rt_tx))
                 .map_err(StartError::Thread)?,
         );
+        if let Ok(Err(e)) = rt_rx.recv_timeout(Duration::from_secs(1)) {
+            tracing::warn!(THREAD = "output", "output thread: SCHED_FIFO refused ({e}); playing without real-time priority");
+        }
         // Lock what exists now (code, the threads' stacks and buffers, the rings). Not
         // MCL_FUTURE: that would pin every allocator arena and thread stack in full; rings
         // created later are mlocked one by one.
@@ -327,12 +485,21 @@ impl Supervisor {
 
     /// Every metric, now.
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.shared.metrics.snapshot(self.shared.config.sample_rate, self.shared.started.elapsed().as_secs_f64())
+        self.shared.snapshot()
     }
 
-    /// The event stream (once; later calls get None).
-    pub fn take_events(&mut self) -> Option<Receiver<Event>> {
-        self.events.take()
+    /// Every event from now on (see [`Handle::subscribe`]).
+    pub fn subscribe(&self) -> Receiver<Event> {
+        self.handle().subscribe()
+    }
+
+    /// A view for other threads.
+    pub fn handle(&self) -> Handle {
+        Handle { shared: self.shared.clone(), subscribers: self.subscribers.clone() }
+    }
+
+    pub fn state(&self) -> State {
+        self.handle().state()
     }
 
     /// The output position in frames.
@@ -364,7 +531,8 @@ impl Supervisor {
             let _ = h.join();
         }
         self.stop.notify();
-        for h in [self.monitor.take(), self.housekeeping.take()].into_iter().flatten() {
+        // The event thread ends when the monitor has dropped its sender.
+        for h in [self.monitor.take(), self.housekeeping.take(), self.events.take()].into_iter().flatten() {
             let _ = h.join();
         }
         if let Ok(mut book) = self.shared.shm.lock() {

@@ -103,6 +103,7 @@ struct PendingFailover {
 
 /// A dead worker's ring, unpublished, waiting for the output thread's grace period.
 struct Retired {
+    pid: u32,
     shm: Arc<WorkerShm>,
     segments: [String; 2],
     epoch: u64,
@@ -112,6 +113,8 @@ pub(crate) struct Monitor {
     sh: Arc<Shared>,
     _stop: Arc<EventFd>,
     events: Sender<Event>,
+    /// A worker's RT refusal is logged once, not once per worker.
+    rt_refusal_reported: bool,
     epoll: Epoll,
     timer: TimerFd,
     workers: Vec<Worker>,
@@ -151,6 +154,7 @@ impl Monitor {
             sh,
             _stop: stop,
             events,
+            rt_refusal_reported: false,
             epoll,
             timer,
             workers: Vec::new(),
@@ -172,7 +176,7 @@ impl Monitor {
     pub(crate) fn run(mut self) {
         match sys::set_fifo(self.sh.config.monitor_priority) {
             Ok(()) => self.sh.metrics.monitor_realtime.store(true, Ordering::Relaxed),
-            Err(e) => tracing::warn!("monitor thread: SCHED_FIFO refused ({e}); running without real-time priority"),
+            Err(e) => tracing::warn!(THREAD = "monitor", "monitor thread: SCHED_FIFO refused ({e}); running without real-time priority"),
         }
         let (f, g) = (self.sh.config.frequency, self.sh.config.gain);
         let initial = EngineState::initial(f, g, ramp_frames(self.sh.config.sample_rate));
@@ -369,8 +373,14 @@ impl Monitor {
             tracing::debug!(pid = self.workers[i].pid, "worker-{} ready {} µs after spawn", self.workers[i].id, (now - self.workers[i].spawned_ns) / 1000);
             if self.workers[i].shm.ring.worker_realtime() {
                 self.sh.metrics.worker_realtime.store(true, Ordering::Relaxed);
-            } else if self.workers[i].role == Role::Primary {
-                self.sh.metrics.worker_realtime.store(false, Ordering::Relaxed);
+            } else {
+                if self.workers[i].role == Role::Primary {
+                    self.sh.metrics.worker_realtime.store(false, Ordering::Relaxed);
+                }
+                if !self.rt_refusal_reported {
+                    self.rt_refusal_reported = true;
+                    let _ = self.events.send(Event::RealtimeRefused { pid: self.workers[i].pid });
+                }
             }
         }
         let w = &self.workers[i];
@@ -421,8 +431,7 @@ impl Monitor {
             let ms = (now - detected) as f64 / 1e6;
             self.sh.metrics.replacements.fetch_add(1, Ordering::Relaxed);
             self.sh.metrics.record(|m| m.rebuild_ms.push(ms));
-            tracing::info!(NEW_PID = w.pid, REBUILD_US = (now - detected) / 1000, "replacement worker-{} ready as {} in {:.3} ms", w.id, w.role.name(), ms);
-            let _ = self.events.send(Event::Replaced { pid: w.pid, detected_ns: detected, ready_ns: now });
+            let _ = self.events.send(Event::Replaced { pid: w.pid, role: w.role.name(), detected_ns: detected, ready_ns: now });
         }
     }
 
@@ -439,15 +448,6 @@ impl Monitor {
             if running && (w.shm.ring.write_index() > f.need || self.pos() > f.need) {
                 let ms = (now - f.detected_ns) as f64 / 1e6;
                 self.sh.metrics.record(|m| m.failover_ms.push(ms));
-                tracing::info!(
-                    WORKER_PID = f.old_pid,
-                    NEW_PID = w.pid,
-                    FAILOVER_US = (now - f.detected_ns) / 1000,
-                    "failover: worker {} took over from {} in {:.3} ms",
-                    w.pid,
-                    f.old_pid,
-                    ms
-                );
                 let _ = self.events.send(Event::Failover { old_pid: f.old_pid, new_pid: w.pid, detected_ns: f.detected_ns, failover_ns: now });
                 done.push(k);
             }
@@ -498,7 +498,6 @@ impl Monitor {
             }
         }
         self.sh.metrics.record(|m| m.detection_ms.push((now - detected) as f64 / 1e6));
-        tracing::warn!(WORKER_PID = pid, ROLE = role.name(), "worker {pid} ({}) {status}", role.name());
         let _ = self.events.send(Event::WorkerDied { pid, role: role.name(), status, detected_ns: detected });
         match role {
             Role::Primary | Role::Spare => self.ensure_spare(spare_replaces),
@@ -755,8 +754,7 @@ impl Monitor {
                     w.hang_detected_ns = Some(now);
                     self.sh.metrics.hang_kills.fetch_add(1, Ordering::Relaxed);
                     let _ = sys::pidfd_send_signal(&w.pidfd, libc::SIGKILL);
-                    tracing::warn!(WORKER_PID = w.pid, "worker {} made no progress for {} µs ({why}): declared hung, killed", w.pid, stalled / 1000);
-                    let _ = self.events.send(Event::HangDetected { pid: w.pid, detected_ns: now });
+                    let _ = self.events.send(Event::HangDetected { pid: w.pid, detected_ns: now, stalled_us: stalled / 1000, why });
                 }
             }
         }
@@ -781,7 +779,7 @@ impl Monitor {
             if w.phase == Phase::Dead && (drained || stale) {
                 let w = self.workers.remove(k);
                 self.sh.table.clear(w.slot);
-                self.retired.push(Retired { shm: w.shm, segments: w.segments, epoch: self.sh.epoch.load(Ordering::SeqCst) });
+                self.retired.push(Retired { pid: w.pid, shm: w.shm, segments: w.segments, epoch: self.sh.epoch.load(Ordering::SeqCst) });
             } else {
                 k += 1;
             }
@@ -792,10 +790,9 @@ impl Monitor {
             // the rest, after the output thread has been joined).
             if epoch >= self.retired[j].epoch + 2 {
                 let r = self.retired.remove(j);
-                let segs = r.segments.clone();
                 drop(r.shm);
-                self.release_segments(&segs);
-                tracing::debug!(SEGMENT = %segs.join(","), "reclaimed segments {}", segs.join(", "));
+                self.release_segments(&r.segments);
+                let _ = self.events.send(Event::Reclaimed { pid: r.pid, segments: r.segments.to_vec() });
             } else {
                 j += 1;
             }

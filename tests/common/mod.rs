@@ -2,6 +2,8 @@
 //! and the real worker binary, waiting, killing, and comparing a capture with the reference.
 #![allow(dead_code)]
 
+pub mod bus;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

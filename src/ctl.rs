@@ -1,0 +1,362 @@
+//! `audiowardenctl`: the command-line client. It speaks `org.audiowarden.Engine1` through the
+//! same proxy as everyone else ([`crate::dbus`]).
+//!
+//! Exit codes: 0 success, 2 bad arguments, 3 service not reachable, 4 rejected by the service.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use zbus::zvariant::{OwnedValue, Value};
+
+use crate::dbus::{Engine1ProxyBlocking, BUS_NAME};
+
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_UNREACHABLE: u8 = 3;
+pub const EXIT_REJECTED: u8 = 4;
+
+#[derive(Parser, Debug)]
+#[command(name = "audiowardenctl", version, about = "Control and inspect the audiowarden service over D-Bus (system bus)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// State, workers, tone, control latency, failovers, underruns, shared memory, CPU.
+    Status {
+        /// One JSON object, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the tone frequency in Hz (0 < HZ < sample_rate / 2).
+    SetFrequency {
+        #[arg(value_name = "HZ", allow_negative_numbers = true)]
+        hz: f64,
+    },
+    /// Set the gain: linear 0..1, or in decibels with a dB suffix (e.g. -6dB).
+    SetGain {
+        #[arg(value_name = "G", allow_hyphen_values = true, value_parser = parse_gain)]
+        gain: f64,
+    },
+    /// Every metric the service exports.
+    Metrics {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the status every second until Ctrl-C.
+    Watch,
+}
+
+/// A gain argument: `0.5` (linear) or `-6dB` / `-6 dB` (decibels, converted to linear).
+pub fn parse_gain(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    if let Some(db) = lower.strip_suffix("db") {
+        let db: f64 = db.trim().parse().map_err(|_| format!("'{s}' is not a number of dB"))?;
+        if db.is_nan() {
+            return Err(format!("'{s}' is not a number of dB"));
+        }
+        return Ok(10f64.powf(db / 20.0));
+    }
+    t.parse::<f64>().map_err(|_| format!("'{s}' is neither a linear gain (0..1) nor a level in dB (e.g. -6dB)"))
+}
+
+/// Why a call failed, as the exit code tells it.
+enum Failure {
+    Unreachable(String),
+    Rejected(String),
+}
+
+impl Failure {
+    fn from_zbus(e: zbus::Error) -> Failure {
+        use zbus::fdo::Error as F;
+        const GONE: [&str; 5] = [
+            "org.freedesktop.DBus.Error.ServiceUnknown",
+            "org.freedesktop.DBus.Error.NameHasNoOwner",
+            "org.freedesktop.DBus.Error.NoReply",
+            "org.freedesktop.DBus.Error.Disconnected",
+            "org.freedesktop.DBus.Error.TimedOut",
+        ];
+        match e {
+            zbus::Error::MethodError(name, msg, _) => {
+                let msg = msg.unwrap_or_else(|| name.to_string());
+                if GONE.contains(&name.as_str()) {
+                    Failure::Unreachable(msg)
+                } else {
+                    Failure::Rejected(msg)
+                }
+            }
+            zbus::Error::FDO(f) => match *f {
+                F::ServiceUnknown(m) | F::NameHasNoOwner(m) | F::NoReply(m) | F::Disconnected(m) | F::TimedOut(m) => {
+                    Failure::Unreachable(m)
+                }
+                F::InvalidArgs(m) | F::AccessDenied(m) | F::AuthFailed(m) => Failure::Rejected(m),
+                other => Failure::Rejected(other.to_string()),
+            },
+            // Transport: no bus, no socket, handshake refused.
+            other => Failure::Unreachable(other.to_string()),
+        }
+    }
+
+    fn report(self) -> ExitCode {
+        match self {
+            Failure::Unreachable(why) => {
+                let bus = std::env::var("DBUS_SYSTEM_BUS_ADDRESS").unwrap_or_else(|_| "unix:path=/run/dbus/system_bus_socket".into());
+                eprintln!(
+                    "audiowardenctl: cannot reach {BUS_NAME} on the system bus ({bus}): {why}\n  hint: is the service running? `systemctl status audiowarden`, `journalctl -u audiowarden`"
+                );
+                ExitCode::from(EXIT_UNREACHABLE)
+            }
+            Failure::Rejected(msg) => {
+                eprintln!("audiowardenctl: rejected by the service: {msg}");
+                ExitCode::from(EXIT_REJECTED)
+            }
+        }
+    }
+}
+
+fn proxy() -> Result<Engine1ProxyBlocking<'static>, Failure> {
+    let conn = zbus::blocking::Connection::system().map_err(Failure::from_zbus)?;
+    Engine1ProxyBlocking::builder(&conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .map_err(Failure::from_zbus)
+}
+
+/// What `status` shows: the properties plus the metrics.
+struct Status {
+    state: String,
+    frequency: f64,
+    gain: f64,
+    metrics: HashMap<String, OwnedValue>,
+}
+
+fn fetch(p: &Engine1ProxyBlocking<'_>) -> Result<Status, Failure> {
+    let f = Failure::from_zbus;
+    Ok(Status {
+        state: p.state().map_err(f)?,
+        frequency: p.frequency().map_err(f)?,
+        gain: p.gain().map_err(f)?,
+        metrics: p.get_metrics().map_err(f)?,
+    })
+}
+
+/// A metric as JSON (numbers stay numbers, of their D-Bus type).
+fn to_json(v: &Value<'_>) -> serde_json::Value {
+    use serde_json::json;
+    match v {
+        Value::U8(x) => json!(x),
+        Value::Bool(x) => json!(x),
+        Value::I16(x) => json!(x),
+        Value::U16(x) => json!(x),
+        Value::I32(x) => json!(x),
+        Value::U32(x) => json!(x),
+        Value::I64(x) => json!(x),
+        Value::U64(x) => json!(x),
+        Value::F64(x) => json!(x),
+        Value::Str(s) => json!(s.as_str()),
+        other => json!(other.to_string()),
+    }
+}
+
+fn metrics_json(m: &HashMap<String, OwnedValue>) -> serde_json::Map<String, serde_json::Value> {
+    m.iter().map(|(k, v)| (k.clone(), to_json(v))).collect::<BTreeMap<_, _>>().into_iter().collect()
+}
+
+fn num(m: &HashMap<String, OwnedValue>, k: &str) -> f64 {
+    match m.get(k).map(|v| &**v) {
+        Some(Value::U32(x)) => *x as f64,
+        Some(Value::U64(x)) => *x as f64,
+        Some(Value::F64(x)) => *x,
+        _ => f64::NAN,
+    }
+}
+
+fn flag(m: &HashMap<String, OwnedValue>, k: &str) -> bool {
+    matches!(m.get(k).map(|v| &**v), Some(Value::Bool(true)))
+}
+
+fn db(gain: f64) -> String {
+    if gain > 0.0 {
+        format!("{:+.1} dB", 20.0 * gain.log10())
+    } else {
+        "-inf dB".into()
+    }
+}
+
+/// The human status screen: aligned, at most 80 columns, colour only on a terminal.
+fn render_status(s: &Status, colour: bool) -> String {
+    let m = &s.metrics;
+    let paint = |code: &str, text: &str| if colour { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_owned() };
+    let state = match s.state.as_str() {
+        "running" => paint("1;32", &s.state),
+        "degraded" | "starting" => paint("1;33", &s.state),
+        _ => paint("1;31", &s.state),
+    };
+    let sr = num(m, "sample_rate");
+    let ms = |samples: f64| samples * 1000.0 / sr;
+    let pid = |k: &str| match num(m, k) as u64 {
+        0 => "none".to_owned(),
+        p => p.to_string(),
+    };
+    let up = num(m, "uptime_s") as u64;
+    let mut out = String::new();
+    let mut line = |label: &str, value: String| {
+        out.push_str(&format!("  {label:<11} {value}\n"));
+    };
+    let head = format!("audiowarden {state}  (up {}h {:02}m {:02}s, {} Hz)\n", up / 3600, up / 60 % 60, up % 60, sr);
+    line("tone", format!("{:.1} Hz, gain {:.3} ({})", s.frequency, s.gain, db(s.gain)));
+    line(
+        "workers",
+        format!(
+            "primary {}, spare {} ({}), reserve {}",
+            pid("primary_pid"),
+            pid("spare_pid"),
+            if flag(m, "spare_ready") { "ready" } else { "not ready" },
+            pid("reserve_pid")
+        ),
+    );
+    line(
+        "control",
+        format!(
+            "{} received, {} applied, {} coalesced, {} rejected",
+            num(m, "control_received"),
+            num(m, "control_applied"),
+            num(m, "control_coalesced"),
+            num(m, "control_rejected")
+        ),
+    );
+    let (p95, p99) = (num(m, "control_latency_p95_samples"), num(m, "control_latency_p99_samples"));
+    line("latency", format!("p95 {p95} samples ({:.2} ms), p99 {p99} samples ({:.2} ms)", ms(p95), ms(p99)));
+    line(
+        "failovers",
+        format!(
+            "{}, last {:.3} ms, p99 {:.3} ms (crashes {})",
+            num(m, "failover_count"),
+            num(m, "failover_time_ms"),
+            num(m, "failover_time_ms_p99"),
+            num(m, "crash_count")
+        ),
+    );
+    line(
+        "rebuilds",
+        format!("{}, last {:.3} ms, p99 {:.3} ms", num(m, "replacements"), num(m, "rebuild_time_ms"), num(m, "rebuild_time_ms_p99")),
+    );
+    let underruns = num(m, "underruns");
+    let u = format!("{underruns}");
+    line("underruns", format!("{} in {} frames played", if underruns > 0.0 { paint("1;31", &u) } else { u }, num(m, "frames_played")));
+    let leaks = num(m, "shm_leaks");
+    let l = format!("{leaks} leaks");
+    line("shm", format!("{} segments, {}", num(m, "shm_segments"), if leaks > 0.0 { paint("1;31", &l) } else { l }));
+    line("realtime", format!("{}, cpu {:.1} %", if flag(m, "realtime") { "yes" } else { "no (SCHED_FIFO refused)" }, num(m, "cpu_percent")));
+    head + &out
+}
+
+fn status_json(s: &Status) -> serde_json::Value {
+    serde_json::json!({
+        "state": s.state,
+        "frequency": s.frequency,
+        "gain": s.gain,
+        "metrics": metrics_json(&s.metrics),
+    })
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let p = proxy()?;
+    let f = Failure::from_zbus;
+    let mut stdout = std::io::stdout();
+    match cli.command {
+        Command::Status { json } => {
+            let s = fetch(&p)?;
+            if json {
+                let _ = writeln!(stdout, "{}", status_json(&s));
+            } else {
+                let _ = write!(stdout, "{}", render_status(&s, stdout.is_terminal()));
+            }
+        }
+        Command::SetFrequency { hz } => p.set_frequency(hz).map_err(f)?,
+        Command::SetGain { gain } => p.set_gain(gain).map_err(f)?,
+        Command::Metrics { json } => {
+            let m = p.get_metrics().map_err(f)?;
+            let sorted = metrics_json(&m);
+            if json {
+                let _ = writeln!(stdout, "{}", serde_json::Value::Object(sorted));
+            } else {
+                let width = sorted.keys().map(String::len).max().unwrap_or(0);
+                for (k, v) in sorted {
+                    let _ = writeln!(stdout, "{k:<width$}  {v}");
+                }
+            }
+        }
+        Command::Watch => {
+            let tty = stdout.is_terminal();
+            loop {
+                let screen = match fetch(&p) {
+                    Ok(s) => render_status(&s, tty),
+                    Err(Failure::Unreachable(why) | Failure::Rejected(why)) => format!("audiowarden: not reachable ({why})\n"),
+                };
+                let clear = if tty { "\x1b[H\x1b[2J" } else { "" };
+                if write!(stdout, "{clear}{screen}").and_then(|_| stdout.flush()).is_err() {
+                    return Ok(()); // stdout closed (a pager quit)
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The whole CLI; `main` of `audiowardenctl`.
+pub fn main() -> ExitCode {
+    // clap exits with 2 on bad arguments (and 0 for --help/--version).
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => e.report(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gain_accepts_linear_and_decibels() {
+        assert_eq!(parse_gain("0.5"), Ok(0.5));
+        assert!((parse_gain("-6dB").unwrap() - 0.501187).abs() < 1e-5);
+        assert!((parse_gain("-6 dB").unwrap() - 0.501187).abs() < 1e-5);
+        assert_eq!(parse_gain("0dB"), Ok(1.0));
+        assert!(parse_gain("loud").is_err());
+        assert!(parse_gain("xdB").is_err());
+    }
+
+    #[test]
+    fn status_fits_80_columns_and_has_no_colour_off_a_terminal() {
+        let m = crate::dbus::metrics_dict(
+            &crate::MetricsSnapshot {
+                primary_pid: 4_000_000,
+                spare_pid: 4_000_001,
+                reserve_pid: 4_000_002,
+                control_received: 1_000_000_000,
+                control_applied: 1_000_000_000,
+                control_coalesced: 1_000_000,
+                control_rejected: 1_000_000,
+                frames_played: u64::MAX / 2,
+                sample_rate: 48_000,
+                ..Default::default()
+            },
+            64,
+        );
+        let s = Status { state: "degraded".into(), frequency: 23_999.9, gain: 0.0, metrics: m };
+        let plain = render_status(&s, false);
+        for l in plain.lines() {
+            assert!(l.chars().count() <= 80, "{} columns: {l}", l.chars().count());
+        }
+        assert!(!plain.contains('\x1b'));
+        assert!(render_status(&s, true).contains("\x1b[1;33mdegraded"));
+    }
+}

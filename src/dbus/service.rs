@@ -1,0 +1,232 @@
+//! The daemon's side of `org.audiowarden.Engine1`: the interface object (method calls run on
+//! zbus's executor thread) and a bridge thread that turns supervisor events and state changes
+//! into signals.
+//!
+//! Nothing here touches the audio path: a set call validates, stamps and queues through
+//! [`Control`] (a short critical section shared with the monitor, never with the output
+//! thread), and everything else only reads atomics and snapshots.
+//!
+//! The bus is optional for the audio: if it cannot be reached (no system bus on a development
+//! machine, a policy that denies the name) the daemon keeps playing, logs why once, and tries
+//! again every few seconds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::OwnedValue;
+
+use super::{metrics_dict, BUS_NAME, OBJECT_PATH};
+use crate::supervisor::{Event, Handle, State};
+
+/// How often the bridge looks at State, SpareReady and PrimaryPid when no event arrives.
+const POLL: Duration = Duration::from_millis(50);
+/// Between attempts to reach the bus.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// The object served at [`OBJECT_PATH`].
+pub struct Engine1 {
+    sup: Handle,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Engine1 {
+    fn current_state(&self) -> State {
+        if self.stopping.load(Ordering::Acquire) {
+            State::Stopping
+        } else {
+            self.sup.state()
+        }
+    }
+
+    fn rejected(&self, method: &str, value: f64, e: &crate::ControlError) -> zbus::fdo::Error {
+        tracing::warn!(METHOD = method, VALUE = value, "rejected {method}({value}): {e}");
+        zbus::fdo::Error::InvalidArgs(e.to_string())
+    }
+}
+
+// spawn = false: calls are handled one at a time in the order they arrive, so the last
+// SetFrequency sent is the last one applied.
+#[zbus::interface(name = "org.audiowarden.Engine1", spawn = false)]
+impl Engine1 {
+    /// Queues a frequency change; returns once every worker has it.
+    async fn set_frequency(&self, hz: f64, #[zbus(signal_emitter)] emitter: SignalEmitter<'_>) -> zbus::fdo::Result<()> {
+        self.sup.control().set_frequency(hz).map_err(|e| self.rejected("SetFrequency", hz, &e))?;
+        let _ = self.frequency_changed(&emitter).await;
+        Ok(())
+    }
+
+    /// Queues a linear gain change; returns once every worker has it.
+    async fn set_gain(&self, gain: f64, #[zbus(signal_emitter)] emitter: SignalEmitter<'_>) -> zbus::fdo::Result<()> {
+        self.sup.control().set_gain(gain).map_err(|e| self.rejected("SetGain", gain, &e))?;
+        let _ = self.gain_changed(&emitter).await;
+        Ok(())
+    }
+
+    #[zbus(out_args("metrics"))]
+    fn get_metrics(&self) -> HashMap<String, OwnedValue> {
+        metrics_dict(&self.sup.metrics(), self.sup.config().block_frames)
+    }
+
+    #[zbus(property)]
+    fn frequency(&self) -> f64 {
+        self.sup.control().frequency()
+    }
+
+    #[zbus(property)]
+    fn gain(&self) -> f64 {
+        self.sup.control().gain()
+    }
+
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.current_state().as_str().to_owned()
+    }
+
+    #[zbus(property)]
+    fn spare_ready(&self) -> bool {
+        self.sup.metrics_spare_ready()
+    }
+
+    #[zbus(property)]
+    fn primary_pid(&self) -> u32 {
+        self.sup.primary_pid()
+    }
+
+    #[zbus(signal)]
+    async fn failover(emitter: &SignalEmitter<'_>, old_pid: u32, new_pid: u32, failover_ms: f64) -> zbus::Result<()>;
+}
+
+/// The running D-Bus side. [`Service::stop`] (or drop) announces `stopping`, releases the
+/// name and ends the bridge thread.
+pub struct Service {
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Service {
+    /// Starts the bridge thread, which connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS`
+    /// or the standard socket), serves the object and owns [`BUS_NAME`].
+    pub fn start(sup: Handle) -> std::io::Result<Service> {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let st = stopping.clone();
+        let thread = std::thread::Builder::new().name("aw-dbus".into()).spawn(move || bridge(sup, st))?;
+        Ok(Service { stopping, thread: Some(thread) })
+    }
+
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+fn connect(sup: &Handle, stopping: &Arc<AtomicBool>) -> zbus::Result<zbus::blocking::Connection> {
+    let obj = Engine1 { sup: sup.clone(), stopping: stopping.clone() };
+    zbus::blocking::connection::Builder::system()?.serve_at(OBJECT_PATH, obj)?.name(BUS_NAME)?.build()
+}
+
+/// What the bridge last announced.
+#[derive(PartialEq, Clone, Copy)]
+struct Announced {
+    state: State,
+    spare_ready: bool,
+    primary_pid: u32,
+}
+
+fn bridge(sup: Handle, stopping: Arc<AtomicBool>) {
+    // Subscribe before connecting, so no failover between the two is missed.
+    let events = sup.subscribe();
+    let mut warned = false;
+    let conn = loop {
+        if stopping.load(Ordering::Acquire) {
+            return;
+        }
+        match connect(&sup, &stopping) {
+            Ok(c) => break c,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(
+                        BUS_NAME = BUS_NAME,
+                        "D-Bus API unavailable ({e}); playing on without it, retrying every {} s",
+                        RETRY.as_secs()
+                    );
+                    warned = true;
+                }
+                let t0 = Instant::now();
+                while t0.elapsed() < RETRY && !stopping.load(Ordering::Acquire) {
+                    // Events are not announced while there is no bus; keep the queue short.
+                    while events.try_recv().is_ok() {}
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
+    };
+    tracing::info!(BUS_NAME = BUS_NAME, "D-Bus API on the system bus as {BUS_NAME}");
+    let iface = match conn.object_server().interface::<_, Engine1>(OBJECT_PATH) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!("D-Bus object missing after registration: {e}");
+            return;
+        }
+    };
+    let emitter = iface.signal_emitter().clone();
+    let current = |iface: &zbus::blocking::object_server::InterfaceRef<Engine1>| {
+        let o = iface.get();
+        Announced { state: o.current_state(), spare_ready: o.spare_ready(), primary_pid: o.primary_pid() }
+    };
+    let mut last = current(&iface);
+    loop {
+        let stop = stopping.load(Ordering::Acquire);
+        match events.recv_timeout(POLL) {
+            Ok(Event::Failover { old_pid, new_pid, detected_ns, failover_ns }) => {
+                let ms = failover_ns.saturating_sub(detected_ns) as f64 / 1e6;
+                if let Err(e) = zbus::block_on(Engine1::failover(&emitter, old_pid, new_pid, ms)) {
+                    tracing::warn!("cannot emit Failover: {e}");
+                }
+            }
+            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let now = current(&iface);
+        if now != last {
+            let o = iface.get();
+            let r = zbus::block_on(async {
+                if now.state != last.state {
+                    o.state_changed(&emitter).await?;
+                }
+                if now.spare_ready != last.spare_ready {
+                    o.spare_ready_changed(&emitter).await?;
+                }
+                if now.primary_pid != last.primary_pid {
+                    o.primary_pid_changed(&emitter).await?;
+                }
+                zbus::Result::Ok(())
+            });
+            if let Err(e) = r {
+                tracing::warn!("cannot emit PropertiesChanged: {e}");
+            }
+            last = now;
+        }
+        if stop {
+            // `stopping` was announced above; now release the name and disconnect.
+            break;
+        }
+    }
+    let _ = conn.release_name(BUS_NAME);
+}

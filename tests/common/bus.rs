@@ -1,0 +1,195 @@
+//! A private system bus (a real dbus-daemon with the system bus's configuration and the
+//! project's policy from dbus/) and the real `audiowardend` running against it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use audiowarden::dbus::Engine1ProxyBlocking;
+use zbus::zvariant::OwnedValue;
+
+use super::{wait_until, ShmDir};
+
+/// The project's dbus/ directory (policy and introspection XML).
+pub fn dbus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("dbus")
+}
+
+/// dbus-daemon with /usr/share/dbus-1/system.conf minus what only the real system bus does
+/// (user switch, fork, pid file, syslog, activation), listening on a socket of its own, with
+/// the project's policy included. Killed (by PID) on drop.
+pub struct PrivateBus {
+    pub dir: tempfile::TempDir,
+    pub address: String,
+    child: Child,
+}
+
+impl PrivateBus {
+    pub fn start() -> PrivateBus {
+        let dir = tempfile::Builder::new().prefix("aw-test-bus-").tempdir().expect("tempdir");
+        // Other users (setpriv tests) must reach the socket.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sock = dir.path().join("system_bus_socket");
+        let system = std::fs::read_to_string("/usr/share/dbus-1/system.conf").expect("dbus-daemon installed (/usr/share/dbus-1/system.conf)");
+        let drop = ["<user>", "<fork/>", "<pidfile>", "<syslog/>", "<servicehelper>", "<standard_system_servicedirs/>", "<listen>"];
+        let mut conf: String = system.lines().filter(|l| !drop.iter().any(|d| l.contains(d))).map(|l| format!("{l}\n")).collect();
+        let tail = format!(
+            "  <listen>unix:path={}</listen>\n  <includedir>{}</includedir>\n</busconfig>",
+            sock.display(),
+            dbus_dir().display()
+        );
+        conf = conf.replacen("</busconfig>", &tail, 1);
+        let conf_path = dir.path().join("system.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf_path.display()))
+            .arg("--nofork")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn dbus-daemon");
+        wait_until("the private bus socket", Duration::from_secs(5), || sock.exists());
+        PrivateBus { address: format!("unix:path={}", sock.display()), dir, child }
+    }
+
+    /// A command with DBUS_SYSTEM_BUS_ADDRESS pointing here.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(program);
+        c.env("DBUS_SYSTEM_BUS_ADDRESS", &self.address).stdin(Stdio::null());
+        c
+    }
+
+    /// `busctl --system ARGS` against this bus.
+    pub fn busctl(&self, args: &[&str]) -> Output {
+        self.command("busctl").arg("--system").args(args).output().expect("run busctl")
+    }
+
+    pub fn connection(&self) -> zbus::blocking::Connection {
+        zbus::blocking::connection::Builder::address(self.address.as_str()).expect("address").build().expect("connect to the private bus")
+    }
+}
+
+impl Drop for PrivateBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `audiowardend` (the real binary) on a private bus with a private shm dir. SIGTERM on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub shm: ShmDir,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts it and waits until it owns the name and reports `running`.
+    pub fn start(bus: &PrivateBus, tag: &str, args: &[&str]) -> Daemon {
+        let shm = ShmDir::new(tag);
+        let log = bus.dir.path().join(format!("audiowardend-{tag}.log"));
+        let child = bus
+            .command(env!("CARGO_BIN_EXE_audiowardend"))
+            .arg("--shm-dir")
+            .arg(&shm.0)
+            .args(args)
+            .env("AUDIOWARDEN_LOG", "stderr")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn audiowardend");
+        let mut d = Daemon { child, shm, log };
+        let conn = bus.connection();
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("audiowardend exited ({st}) before owning its name:\n{}", d.log_text());
+            }
+            let state = Engine1ProxyBlocking::builder(&conn)
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .and_then(|p| p.state());
+            if state.as_deref() == Ok("running") {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "audiowardend not running on the bus after 10 s ({state:?}):\n{}", d.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        super::signal(self.pid(), libc::SIGTERM);
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if t0.elapsed() > Duration::from_secs(5) {
+                let _ = self.child.kill();
+                panic!("audiowardend ignored SIGTERM for 5 s:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on the daemon this test spawned and has not reaped.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while matches!(self.child.try_wait(), Ok(None)) && t0.elapsed() < Duration::from_secs(3) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A proxy without property caching (every read is a real Get).
+pub fn proxy(conn: &zbus::blocking::Connection) -> Engine1ProxyBlocking<'static> {
+    Engine1ProxyBlocking::builder(conn).cache_properties(zbus::proxy::CacheProperties::No).build().expect("proxy")
+}
+
+pub fn get_u64(m: &HashMap<String, OwnedValue>, k: &str) -> u64 {
+    match &**m.get(k).unwrap_or_else(|| panic!("metric {k} missing")) {
+        zbus::zvariant::Value::U32(x) => *x as u64,
+        zbus::zvariant::Value::U64(x) => *x,
+        v => panic!("metric {k} is {v:?}, not a count"),
+    }
+}
+
+pub fn get_bool(m: &HashMap<String, OwnedValue>, k: &str) -> bool {
+    match &**m.get(k).unwrap_or_else(|| panic!("metric {k} missing")) {
+        zbus::zvariant::Value::Bool(x) => *x,
+        v => panic!("metric {k} is {v:?}, not a flag"),
+    }
+}
+
+/// Resident set size of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
