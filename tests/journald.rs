@@ -1,0 +1,118 @@
+//! Structured logging into a real systemd-journald: the daemon runs in a mount namespace whose
+//! /run holds a journal socket (tests/support/with-journald.sh); a failover there must leave
+//! journal entries with their fields.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::bus::{get_bool, get_u64, proxy, PrivateBus};
+use common::{wait_until, ShmDir};
+
+/// The namespace's script. Dropping it (also when the test fails) tells the script to stop
+/// the daemon and dump the journal, and waits for it; killed by PID as a last resort.
+struct Namespace {
+    child: std::process::Child,
+    work: std::path::PathBuf,
+}
+
+impl Namespace {
+    fn finish(&mut self) -> std::process::ExitStatus {
+        let _ = std::fs::write(self.work.join("stop"), b"");
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                let _ = self.child.kill();
+                panic!("the journald namespace did not finish");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = std::fs::write(self.work.join("stop"), b"");
+            let t0 = Instant::now();
+            while matches!(self.child.try_wait(), Ok(None)) && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn a_failover_is_in_the_journal_with_structured_fields() {
+    let bus = PrivateBus::start();
+    let shm = ShmDir::new("journald");
+    let work = tempfile::Builder::new().prefix("aw-test-journald-").tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/with-journald.sh");
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "bash"])
+        .arg(&script)
+        .arg(work.path())
+        .arg(env!("CARGO_BIN_EXE_audiowardend"))
+        .arg("--shm-dir")
+        .arg(&shm.0)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .env("RUST_LOG", "info")
+        .env_remove("AUDIOWARDEN_LOG")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("unshare");
+    let mut ns = Namespace { child, work: work.path().to_owned() };
+
+    let conn = bus.connection();
+    let p = proxy(&conn);
+    wait_until("the daemon running on the bus", Duration::from_secs(10), || p.state().is_ok_and(|s| s == "running"));
+    let old = p.primary_pid().unwrap();
+    common::signal(old, libc::SIGKILL);
+    let mut new = 0;
+    wait_until("a rebuilt spare", Duration::from_secs(5), || {
+        let m = p.get_metrics().unwrap();
+        new = get_u64(&m, "primary_pid") as u32;
+        get_u64(&m, "replacements") == 1 && get_bool(&m, "spare_ready")
+    });
+    // The dead worker's segments are reclaimed a little later.
+    std::thread::sleep(Duration::from_millis(300));
+    let status = ns.finish();
+    assert!(status.success(), "with-journald.sh failed: {status}");
+    assert_eq!(std::fs::read_to_string(work.path().join("cmd.status")).unwrap().trim(), "0", "audiowardend exit status");
+
+    let journal = std::fs::read_to_string(work.path().join("journal.json")).unwrap();
+    let entries: Vec<serde_json::Value> = journal
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["SYSLOG_IDENTIFIER"] == "audiowardend")
+        .collect();
+    let find = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| -> serde_json::Value {
+        let hits: Vec<_> = entries.iter().filter(|e| pred(e)).collect();
+        assert_eq!(hits.len(), 1, "want exactly one journal entry for {what}, got {}:\n{journal}", hits.len());
+        hits[0].clone()
+    };
+    let s = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or("").to_owned();
+
+    find("the start", &|e| s(e, "MESSAGE").starts_with("playing 440 Hz"));
+    let died = find("the death", &|e| e.get("STATUS").is_some() && s(e, "WORKER_PID") == old.to_string());
+    assert_eq!(s(&died, "ROLE"), "primary");
+    assert_eq!(s(&died, "PRIORITY"), "4", "a death is a warning");
+    let fo = find("the failover", &|e| e.get("FAILOVER_US").is_some());
+    assert_eq!(s(&fo, "WORKER_PID"), old.to_string());
+    assert_eq!(s(&fo, "NEW_PID"), new.to_string());
+    assert!(s(&fo, "FAILOVER_US").parse::<u64>().is_ok(), "{fo}");
+    let rebuilt = find("the rebuild", &|e| e.get("REBUILD_US").is_some());
+    assert!(s(&rebuilt, "NEW_PID").parse::<u32>().is_ok_and(|p| p > 0));
+    let reclaimed = find("the reclaimed segments", &|e| e.get("SEGMENT").is_some() && s(e, "WORKER_PID") == old.to_string());
+    assert_eq!(s(&reclaimed, "SEGMENT").split(',').count(), 2, "{reclaimed}");
+    find("the stop", &|e| s(e, "MESSAGE").contains("stopping"));
+    // Code locations come along (tracing-journald's CODE_FILE / CODE_LINE).
+    assert!(fo.get("CODE_FILE").is_some(), "{fo}");
+}
