@@ -81,6 +81,7 @@ pub(crate) struct ControlState {
     coalesced_in_flight: VecDeque<u64>,
     /// Coalesced messages the output has passed.
     coalesced_played: u64,
+    last_stamp: Option<Stamp>,
 }
 
 /// The supervisor's control core, shared by the control entry points and the monitor.
@@ -101,6 +102,7 @@ impl ControlCore {
                 last_apply_at: [None; 2],
                 coalesced_in_flight: VecDeque::with_capacity(HISTORY),
                 coalesced_played: 0,
+                last_stamp: None,
             }),
         }
     }
@@ -212,6 +214,11 @@ impl Control {
         self.shared.control.params().1
     }
 
+    /// The stamp of the most recently accepted change, whoever sent it (`latency_frames` 0).
+    pub fn last_stamp(&self) -> Option<Stamp> {
+        self.shared.control.lock().last_stamp
+    }
+
     fn submit(&self, kind: ControlKind, value: f64) -> Result<Stamp, ControlError> {
         let sh = &self.shared;
         let bf = sh.config.block_frames as u64;
@@ -222,7 +229,7 @@ impl Control {
         // Stamp beyond anything a worker may have rendered: workers stay within `lookahead`
         // blocks of the output position; STAMP_MARGIN_BLOCKS more absorb the time until the
         // message is in every ring (this thread may be preempted; workers count a late one).
-        let pos = sh.position.load(Ordering::Acquire);
+        let (pos, now_frame) = sh.output_now();
         let apply_at = (pos + sh.config.lookahead_blocks as u64 + STAMP_MARGIN_BLOCKS) * bf;
         let seq = st.next_seq;
         st.next_seq += 1;
@@ -259,14 +266,13 @@ impl Control {
             sh.metrics.control_coalesced.fetch_add(1, Ordering::Relaxed);
         }
         st.last_apply_at[k] = Some(apply_at);
+        let stamp = Stamp { seq, apply_at, latency_frames: 0, msg };
+        st.last_stamp = Some(stamp);
         drop(st);
         sh.metrics.control_received.fetch_add(1, Ordering::Relaxed);
-        // Latency from "now" (output position plus the time since its last period began) to
-        // the first affected frame.
-        let since = crate::sys::now_ns().saturating_sub(sh.last_period_ns.load(Ordering::Relaxed));
-        let now_frame = pos * bf + (since.min(sh.config.block_ns()) * sh.config.sample_rate as u64 / 1_000_000_000);
+        // Latency from the frame playing at the call to the first affected frame.
         let latency_frames = apply_at.saturating_sub(now_frame);
         sh.metrics.record(|w| w.control_latency_samples.push(latency_frames as f64));
-        Ok(Stamp { seq, apply_at, latency_frames, msg })
+        Ok(Stamp { latency_frames, ..stamp })
     }
 }

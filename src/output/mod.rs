@@ -64,7 +64,6 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sy
         period += 1;
         let deadline = start + (period as u128 * bf as u128 * 1_000_000_000 / sr as u128) as u64;
         sys::sleep_until_ns(deadline);
-        sh.last_period_ns.store(deadline, Ordering::Relaxed);
 
         let pos = sh.position.load(Ordering::Relaxed);
         let mut played = None;
@@ -75,7 +74,12 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sy
         match played {
             Some(state) => {
                 sink.play(&block);
+                // Seqlock write (see Shared::clock_seq): position and its start time change
+                // together for readers.
+                sh.clock_seq.fetch_add(1, Ordering::AcqRel);
+                sh.last_period_ns.store(deadline, Ordering::Release);
                 sh.position.store(pos + 1, Ordering::Release);
+                sh.clock_seq.fetch_add(1, Ordering::Release);
                 sh.metrics.frames_played.fetch_add(bf, Ordering::Relaxed);
                 sh.metrics.played_seq.store(state.last_seq, Ordering::Relaxed);
                 // Free the slot in every ring and wake the writers.

@@ -108,8 +108,11 @@ pub(crate) struct Shared {
     pub table: SlotTable,
     /// Blocks played so far (the output position).
     pub position: AtomicU64,
-    /// CLOCK_MONOTONIC at the start of the output's current period.
+    /// CLOCK_MONOTONIC at which the last played block (`position - 1`) started playing.
     pub last_period_ns: AtomicU64,
+    /// Odd while the output thread updates `position` and `last_period_ns` together (a
+    /// seqlock: readers retry, the output thread never waits).
+    pub clock_seq: AtomicU64,
     /// Output periods completed: the grace-period clock for freeing rings.
     pub epoch: AtomicU64,
     pub running: AtomicBool,
@@ -122,6 +125,24 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The output's clock now: (blocks played, the frame being played now, interpolated
+    /// within its block).
+    pub(crate) fn output_now(&self) -> (u64, u64) {
+        let bf = self.config.block_frames as u64;
+        let (pos, started) = loop {
+            let s0 = self.clock_seq.load(Ordering::Acquire);
+            let pos = self.position.load(Ordering::Acquire);
+            let started = self.last_period_ns.load(Ordering::Acquire);
+            if s0 % 2 == 0 && self.clock_seq.load(Ordering::Acquire) == s0 {
+                break (pos, started);
+            }
+            std::hint::spin_loop();
+        };
+        let since = crate::sys::now_ns().saturating_sub(started).min(self.config.block_ns());
+        let frame = pos.saturating_sub(1) * bf + since * self.config.sample_rate as u64 / 1_000_000_000;
+        (pos, frame)
+    }
+
     fn snapshot(&self) -> MetricsSnapshot {
         let mut m = self.metrics.snapshot(self.config.sample_rate, self.started.elapsed().as_secs_f64());
         m.control_applied -= self.control.coalesced_through(m.control_applied).min(m.control_applied);
@@ -273,6 +294,11 @@ impl Handle {
         self.shared.position.load(Ordering::Acquire) * self.shared.config.block_frames as u64
     }
 
+    /// The frame the output is playing now (interpolated within its block).
+    pub fn frame_now(&self) -> u64 {
+        self.shared.output_now().1
+    }
+
     pub fn config(&self) -> &Config {
         &self.shared.config
     }
@@ -358,6 +384,7 @@ impl Supervisor {
             table: SlotTable::new(),
             position: AtomicU64::new(0),
             last_period_ns: AtomicU64::new(crate::sys::now_ns()),
+            clock_seq: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             running: AtomicBool::new(true),
             primed: AtomicBool::new(false),
