@@ -180,6 +180,17 @@ fn flag(m: &HashMap<String, OwnedValue>, k: &str) -> bool {
     matches!(m.get(k).map(|v| &**v), Some(Value::Bool(true)))
 }
 
+/// A count that stays short: 999999, then 1.0M, 1.0G, 1.0T.
+fn count(x: f64) -> String {
+    match x {
+        x if x.is_nan() => "?".into(),
+        x if x < 1e6 => format!("{x}"),
+        x if x < 1e9 => format!("{:.1}M", x / 1e6),
+        x if x < 1e12 => format!("{:.1}G", x / 1e9),
+        x => format!("{:.1}T", x / 1e12),
+    }
+}
+
 fn db(gain: f64) -> String {
     if gain > 0.0 {
         format!("{:+.1} dB", 20.0 * gain.log10())
@@ -224,10 +235,10 @@ fn render_status(s: &Status, colour: bool) -> String {
         "control",
         format!(
             "{} received, {} applied, {} coalesced, {} rejected",
-            num(m, "control_received"),
-            num(m, "control_applied"),
-            num(m, "control_coalesced"),
-            num(m, "control_rejected")
+            count(num(m, "control_received")),
+            count(num(m, "control_applied")),
+            count(num(m, "control_coalesced")),
+            count(num(m, "control_rejected"))
         ),
     );
     let (p95, p99) = (num(m, "control_latency_p95_samples"), num(m, "control_latency_p99_samples"));
@@ -236,19 +247,19 @@ fn render_status(s: &Status, colour: bool) -> String {
         "failovers",
         format!(
             "{}, last {:.3} ms, p99 {:.3} ms (crashes {})",
-            num(m, "failover_count"),
+            count(num(m, "failover_count")),
             num(m, "failover_time_ms"),
             num(m, "failover_time_ms_p99"),
-            num(m, "crash_count")
+            count(num(m, "crash_count"))
         ),
     );
     line(
         "rebuilds",
-        format!("{}, last {:.3} ms, p99 {:.3} ms", num(m, "replacements"), num(m, "rebuild_time_ms"), num(m, "rebuild_time_ms_p99")),
+        format!("{}, last {:.3} ms, p99 {:.3} ms", count(num(m, "replacements")), num(m, "rebuild_time_ms"), num(m, "rebuild_time_ms_p99")),
     );
     let underruns = num(m, "underruns");
-    let u = format!("{underruns}");
-    line("underruns", format!("{} in {} frames played", if underruns > 0.0 { paint("1;31", &u) } else { u }, num(m, "frames_played")));
+    let u = count(underruns);
+    line("underruns", format!("{} in {} frames played", if underruns > 0.0 { paint("1;31", &u) } else { u }, count(num(m, "frames_played"))));
     let leaks = num(m, "shm_leaks");
     let l = format!("{leaks} leaks");
     line("shm", format!("{} segments, {}", num(m, "shm_segments"), if leaks > 0.0 { paint("1;31", &l) } else { l }));
@@ -342,6 +353,8 @@ mod tests {
                 spare_pid: 4_000_001,
                 reserve_pid: 4_000_002,
                 control_received: 1_000_000_000,
+                crash_count: 5_000_000_000,
+                underruns: 123_456_789_012,
                 control_applied: 1_000_000_000,
                 control_coalesced: 1_000_000,
                 control_rejected: 1_000_000,

@@ -44,6 +44,14 @@ fn status_set_and_metrics_against_the_live_daemon() {
         let m: serde_json::Value = serde_json::from_slice(&ctl(&bus, &["metrics", "--json"]).stdout).unwrap();
         m["primary_pid"].as_u64().unwrap() as u32
     });
+    // watch: a fresh screen every second until interrupted.
+    let mut w = bus.command(env!("CARGO_BIN_EXE_audiowardenctl")).arg("watch").stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    common::signal(w.id(), libc::SIGINT);
+    let out = String::from_utf8_lossy(&w.wait_with_output().unwrap().stdout).into_owned();
+    let screens = out.matches("audiowarden running").count();
+    assert!((2..=4).contains(&screens), "{screens} status screens in 2.5 s:\n{out}");
+
     let (out, _) = text(&ctl(&bus, &["metrics"]));
     assert!(out.lines().any(|l| l.starts_with("crash_count ") && l.trim_end().ends_with(" 0")), "{out}");
     drop(d);

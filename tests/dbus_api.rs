@@ -91,6 +91,19 @@ fn failover_signal_and_metrics_after_sigkill_of_the_reported_primary() {
     let primary = get_u64(&before, "primary_pid") as u32;
     assert_eq!(p.primary_pid().unwrap(), primary);
     let mut failovers = p.receive_failover().unwrap();
+    // PropertiesChanged, through a caching proxy (which follows the signal).
+    let cached = audiowarden::dbus::Engine1ProxyBlocking::new(&conn).unwrap();
+    let mut pid_changes = cached.receive_primary_pid_changed();
+    let (ptx, prx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in &mut pid_changes {
+            if let Ok(v) = c.get() {
+                let _ = ptx.send(v);
+            }
+        }
+    });
+    // The first item of the stream is the current value.
+    assert_eq!(prx.recv_timeout(Duration::from_secs(5)).unwrap(), primary);
 
     common::signal(primary, libc::SIGKILL);
 
@@ -117,6 +130,7 @@ fn failover_signal_and_metrics_after_sigkill_of_the_reported_primary() {
     assert!(p.spare_ready().unwrap());
     assert_eq!(p.primary_pid().unwrap(), new);
     assert_eq!(p.state().unwrap(), "running");
+    assert_eq!(prx.recv_timeout(Duration::from_secs(2)).expect("PropertiesChanged(PrimaryPid)"), new);
 }
 
 #[test]
@@ -153,6 +167,12 @@ fn bad_values_are_invalid_args_naming_the_range_and_change_nothing() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("org.freedesktop.DBus.Error.InvalidArgs") && err.contains("0 <= g <= 1"), "{err}");
+
+    // Wrong types and arity are refused by the bus binding before any of our code runs.
+    for args in [&["s", "loud"][..], &["u", "7"], &[]] {
+        let out = call(&bus, "SetGain", args);
+        assert!(!out.status.success(), "SetGain{args:?} was accepted");
+    }
 
     assert_eq!(p.frequency().unwrap(), 440.0);
     assert_eq!(p.gain().unwrap(), 0.25);

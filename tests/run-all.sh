@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole audiowarden test suite on a fresh Debian 12 machine: installs what it needs,
 # runs every test with real-time scheduling, then again with SCHED_FIFO refused (a cpu cgroup
-# without an RT budget), then a short smoke run of the failover benchmark.
+# without an RT budget), then short smoke runs of the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)
@@ -16,7 +16,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-need_pkgs=(pkg-config)
+# pkg-config: build; dbus: dbus-daemon and dbus-send for the private system bus; systemd:
+# busctl, systemd-journald and journalctl; util-linux (essential): setpriv and unshare.
+need_pkgs=(pkg-config dbus systemd util-linux)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -45,8 +47,9 @@ else
     echo "== skipping the no-RT pass: needs root and a cgroup v1 cpu controller"
 fi
 
-echo "== failover benchmark (smoke run; the README's figures come from 500 cycles)"
+echo "== benchmarks (smoke runs; the README's figures come from 500 cycles and 1000 calls)"
 AW_BENCH_CYCLES=50 cargo bench --bench failover
+AW_BENCH_CALLS=100 cargo bench --bench dbus_latency
 
 # One closing line over both passes (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "suite: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"
