@@ -11,6 +11,7 @@
 //! Baseline, in the same run: the same change through the in-process `Control` handle (no
 //! D-Bus), and a D-Bus round trip that changes nothing (Peer.Ping).
 //! Calls are spaced by a random 1-3 ms so they land at every phase of a block.
+//! AW_BENCH_QOS=0 runs it with --cpu-latency-qos-us 0.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -91,7 +92,15 @@ fn main() {
     // Set before the service thread (which reads it) exists.
     std::env::set_var("DBUS_SYSTEM_BUS_ADDRESS", &bus.address);
     let shm = common::ShmDir::new("bench-dbus");
-    let cfg = Config { shm_dir: shm.0.clone(), output: OutputSpec::Virtual, worker_exe: Some(env!("CARGO_BIN_EXE_audiowardend").into()), ..Config::default() };
+    // AW_BENCH_QOS=0 holds a PM QoS CPU latency request (--cpu-latency-qos-us 0) during the run.
+    let qos = std::env::var("AW_BENCH_QOS").ok().and_then(|v| v.parse().ok());
+    let cfg = Config {
+        shm_dir: shm.0.clone(),
+        output: OutputSpec::Virtual,
+        cpu_latency_qos_us: qos,
+        worker_exe: Some(env!("CARGO_BIN_EXE_audiowardend").into()),
+        ..Config::default()
+    };
     let sup = Supervisor::start(cfg).expect("start supervisor");
     let h = sup.handle();
     let service = audiowarden::dbus::service::Service::start(h.clone()).expect("D-Bus service");
@@ -109,7 +118,7 @@ fn main() {
     let c = sup.control();
 
     println!(
-        "D-Bus call -> first affected sample: {calls} calls per mode, {} Hz, {} frames per block, {} blocks lookahead; realtime {}",
+        "D-Bus call -> first affected sample: {calls} calls per mode, {} Hz, {} frames per block, {} blocks lookahead; realtime {}; cpu latency request {qos:?}",
         h.config().sample_rate,
         h.config().block_frames,
         h.config().lookahead_blocks,
