@@ -126,6 +126,12 @@ pub struct Config {
     /// Worker binary (default: this very binary, re-executed in the worker role).
     #[arg(long, hide = true)]
     pub worker_exe: Option<PathBuf>,
+
+    /// TEST ONLY, never in production: the output thread stops advancing this many ms after
+    /// start (it stays alive but plays nothing), to prove that the systemd watchdog restarts
+    /// a daemon that plays nothing. Hidden from --help.
+    #[arg(long, hide = true)]
+    pub test_fault_output_stall_ms: Option<u64>,
 }
 
 impl Default for Config {

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::engine::{ControlKind, ControlMsg, EngineState};
 use crate::shm::control::ControlRing;
@@ -86,13 +86,14 @@ pub(crate) struct ControlState {
 
 /// The supervisor's control core, shared by the control entry points and the monitor.
 pub(crate) struct ControlCore {
-    state: Mutex<ControlState>,
+    /// Shared with the monitor (RT) when it starts a worker: priority inheritance.
+    state: crate::sys::PiMutex<ControlState>,
 }
 
 impl ControlCore {
     pub(crate) fn new(frequency: f64, gain: f64) -> ControlCore {
         ControlCore {
-            state: Mutex::new(ControlState {
+            state: crate::sys::PiMutex::new(ControlState {
                 next_seq: 1,
                 history: VecDeque::with_capacity(HISTORY),
                 targets: Vec::new(),
@@ -107,10 +108,8 @@ impl ControlCore {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
-        // A panic while holding this lock cannot leave the state half-updated in a way that
-        // matters more than stopping control altogether would.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> crate::sys::PiGuard<'_, ControlState> {
+        self.state.lock()
     }
 
     /// Starts `target`'s worker rendering from a state chosen under the control lock, replays

@@ -13,6 +13,7 @@ pub mod dbus;
 pub mod engine;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod output;
 pub mod shm;
 pub mod supervisor;

@@ -40,12 +40,23 @@ fn main() -> ExitCode {
             None
         }
     };
+    let handle = sup.handle();
+    let mut notifier = audiowarden::notify::Notifier::new();
+    if let Some(w) = notifier.watchdog() {
+        tracing::info!("systemd watchdog every {w:?}: pinged while the output advances and the monitor turns");
+    }
     let summary_every = Duration::from_secs(10);
+    let mut last_summary = std::time::Instant::now();
     loop {
-        if let Some(sig) = wait_signal(&sigs, summary_every) {
+        if let Some(sig) = wait_signal(&sigs, notifier.interval()) {
             tracing::info!("signal {sig}: stopping");
             break;
         }
+        notifier.tick(&handle, service.as_ref().is_some_and(|s| s.name_owned()));
+        if last_summary.elapsed() < summary_every {
+            continue;
+        }
+        last_summary = std::time::Instant::now();
         let m = sup.metrics();
         tracing::info!(
             "playing {:.1} Hz gain {:.2}; primary {} spare {} ({}); crashes {} replacements {}; failover p99 {:.3} ms; underruns {}; shm leaks {}; cpu {:.1}%",
@@ -62,7 +73,9 @@ fn main() -> ExitCode {
             m.cpu_percent
         );
     }
-    // Announce `stopping` and release the bus name before the audio stops.
+    // Announce `stopping` (to systemd and on the bus) and release the name before the audio
+    // stops.
+    notifier.stopping();
     drop(service);
     match sup.shutdown() {
         Ok(()) => ExitCode::SUCCESS,

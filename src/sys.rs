@@ -321,3 +321,108 @@ pub fn sched_probe(pid: u32) -> Option<SchedProbe> {
     let exec_ns = sched.split_whitespace().next()?.parse().ok()?;
     Some(SchedProbe { state, exec_ns })
 }
+
+/// A mutex with priority inheritance (PTHREAD_PRIO_INHERIT) for the few locks a real-time
+/// thread (the monitor) shares with ordinary threads (control, D-Bus, housekeeping): while
+/// an ordinary thread holds it and an RT thread waits, the holder runs at the waiter's
+/// priority, so RT worker threads cannot starve it and stretch the wait. No poisoning (the
+/// daemon aborts on panic).
+pub struct PiMutex<T> {
+    // Boxed: a pthread mutex must not move once initialised.
+    raw: Box<std::cell::UnsafeCell<libc::pthread_mutex_t>>,
+    data: std::cell::UnsafeCell<T>,
+}
+
+// SAFETY: the data is only reached through a guard, which exists only while the pthread
+// mutex is held, so at most one thread touches it at a time (the usual Mutex<T> contract).
+unsafe impl<T: Send> Send for PiMutex<T> {}
+// SAFETY: as above; shared references only hand out exclusive access under the lock.
+unsafe impl<T: Send> Sync for PiMutex<T> {}
+
+impl<T> PiMutex<T> {
+    pub fn new(value: T) -> PiMutex<T> {
+        // SAFETY: a zeroed pthread_mutex_t is only storage; pthread_mutex_init below
+        // initialises it in place (boxed, so it never moves). The attribute object is
+        // initialised before use and destroyed after.
+        let raw = unsafe {
+            let raw = Box::new(std::cell::UnsafeCell::new(std::mem::zeroed::<libc::pthread_mutex_t>()));
+            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+            libc::pthread_mutexattr_init(&mut attr);
+            libc::pthread_mutexattr_setprotocol(&mut attr, libc::PTHREAD_PRIO_INHERIT);
+            let r = libc::pthread_mutex_init(raw.get(), &attr);
+            libc::pthread_mutexattr_destroy(&mut attr);
+            assert_eq!(r, 0, "pthread_mutex_init: {}", std::io::Error::from_raw_os_error(r));
+            raw
+        };
+        PiMutex { raw, data: std::cell::UnsafeCell::new(value) }
+    }
+
+    pub fn lock(&self) -> PiGuard<'_, T> {
+        // SAFETY: the mutex was initialised in new() and lives as long as self.
+        let r = unsafe { libc::pthread_mutex_lock(self.raw.get()) };
+        // Only EDEADLK/EINVAL are possible (a bug, not a runtime condition).
+        assert_eq!(r, 0, "pthread_mutex_lock: {}", std::io::Error::from_raw_os_error(r));
+        PiGuard { m: self }
+    }
+}
+
+impl<T> Drop for PiMutex<T> {
+    fn drop(&mut self) {
+        // SAFETY: no guard can exist (they borrow self); the mutex is initialised and unlocked.
+        unsafe { libc::pthread_mutex_destroy(self.raw.get()) };
+    }
+}
+
+/// Exclusive access to a [`PiMutex`]'s data; unlocks on drop.
+pub struct PiGuard<'a, T> {
+    m: &'a PiMutex<T>,
+}
+
+impl<T> std::ops::Deref for PiGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: this guard holds the lock, so no other reference to the data exists.
+        unsafe { &*self.m.data.get() }
+    }
+}
+
+impl<T> std::ops::DerefMut for PiGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in deref, and &mut self makes this the only access through the guard.
+        unsafe { &mut *self.m.data.get() }
+    }
+}
+
+impl<T> Drop for PiGuard<'_, T> {
+    fn drop(&mut self) {
+        // SAFETY: this thread locked the mutex when the guard was made.
+        unsafe { libc::pthread_mutex_unlock(self.m.raw.get()) };
+    }
+}
+
+#[cfg(test)]
+mod pi_mutex_tests {
+    use super::PiMutex;
+
+    #[test]
+    fn excludes_across_threads() {
+        let m = std::sync::Arc::new(PiMutex::new(0u64));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        let mut g = m.lock();
+                        let v = *g;
+                        std::hint::black_box(());
+                        *g = v + 1;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*m.lock(), 40_000);
+    }
+}

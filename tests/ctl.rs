@@ -45,7 +45,7 @@ fn status_set_and_metrics_against_the_live_daemon() {
         m["primary_pid"].as_u64().unwrap() as u32
     });
     // watch: a fresh screen every second until interrupted.
-    let mut w = bus.command(env!("CARGO_BIN_EXE_audiowardenctl")).arg("watch").stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let w = bus.command(env!("CARGO_BIN_EXE_audiowardenctl")).arg("watch").stdout(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(2500));
     common::signal(w.id(), libc::SIGINT);
     let out = String::from_utf8_lossy(&w.wait_with_output().unwrap().stdout).into_owned();

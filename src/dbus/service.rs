@@ -105,6 +105,7 @@ impl Engine1 {
 /// name and ends the bridge thread.
 pub struct Service {
     stopping: Arc<AtomicBool>,
+    owned: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -113,9 +114,15 @@ impl Service {
     /// or the standard socket), serves the object and owns [`BUS_NAME`].
     pub fn start(sup: Handle) -> std::io::Result<Service> {
         let stopping = Arc::new(AtomicBool::new(false));
-        let st = stopping.clone();
-        let thread = std::thread::Builder::new().name("aw-dbus".into()).spawn(move || bridge(sup, st))?;
-        Ok(Service { stopping, thread: Some(thread) })
+        let owned = Arc::new(AtomicBool::new(false));
+        let (st, ow) = (stopping.clone(), owned.clone());
+        let thread = std::thread::Builder::new().name("aw-dbus".into()).spawn(move || bridge(sup, st, ow))?;
+        Ok(Service { stopping, owned, thread: Some(thread) })
+    }
+
+    /// The bus name is ours (systemd's READY waits for this).
+    pub fn name_owned(&self) -> bool {
+        self.owned.load(Ordering::Acquire)
     }
 
     pub fn stop(mut self) {
@@ -149,7 +156,7 @@ struct Announced {
     primary_pid: u32,
 }
 
-fn bridge(sup: Handle, stopping: Arc<AtomicBool>) {
+fn bridge(sup: Handle, stopping: Arc<AtomicBool>, owned: Arc<AtomicBool>) {
     // Subscribe before connecting, so no failover between the two is missed.
     let events = sup.subscribe();
     let mut warned = false;
@@ -177,6 +184,7 @@ fn bridge(sup: Handle, stopping: Arc<AtomicBool>) {
             }
         }
     };
+    owned.store(true, Ordering::Release);
     tracing::info!(BUS_NAME = BUS_NAME, "D-Bus API on the system bus as {BUS_NAME}");
     let iface = match conn.object_server().interface::<_, Engine1>(OBJECT_PATH) {
         Ok(i) => i,
@@ -228,5 +236,6 @@ fn bridge(sup: Handle, stopping: Arc<AtomicBool>) {
             break;
         }
     }
+    owned.store(false, Ordering::Release);
     let _ = conn.release_name(BUS_NAME);
 }

@@ -4,7 +4,6 @@
 pub mod window;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
 
 use serde::Serialize;
 
@@ -47,7 +46,8 @@ pub struct Metrics {
     pub worker_realtime: AtomicBool,
     /// f64 bits.
     pub cpu_percent: AtomicU64,
-    pub(crate) windows: Mutex<Windows>,
+    /// Shared by the monitor (RT) and readers: priority inheritance.
+    pub(crate) windows: crate::sys::PiMutex<Windows>,
 }
 
 pub(crate) struct Windows {
@@ -84,7 +84,7 @@ impl Default for Metrics {
             monitor_realtime: AtomicBool::new(false),
             worker_realtime: AtomicBool::new(false),
             cpu_percent: AtomicU64::new(0),
-            windows: Mutex::new(Windows {
+            windows: crate::sys::PiMutex::new(Windows {
                 detection_ms: RollingWindow::new(WINDOW),
                 failover_ms: RollingWindow::new(WINDOW),
                 rebuild_ms: RollingWindow::new(WINDOW),
@@ -134,9 +134,7 @@ pub type Dist = Summary;
 
 impl Metrics {
     pub(crate) fn record(&self, f: impl FnOnce(&mut Windows)) {
-        if let Ok(mut w) = self.windows.lock() {
-            f(&mut w);
-        }
+        f(&mut self.windows.lock());
     }
 
     pub(crate) fn set_cpu_percent(&self, v: f64) {
@@ -146,7 +144,7 @@ impl Metrics {
     pub(crate) fn snapshot(&self, sample_rate: u32, uptime_s: f64) -> MetricsSnapshot {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         // Copy under the lock, sort outside it: the monitor (RT) records into these windows.
-        let copies = self.windows.lock().ok().map(|w| {
+        let copies = Some(self.windows.lock()).map(|w| {
             (w.detection_ms.clone(), w.failover_ms.clone(), w.rebuild_ms.clone(), w.control_latency_samples.clone())
         });
         let (det, fo, rb, lat) = match copies {

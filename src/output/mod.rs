@@ -59,11 +59,16 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sy
     let Buffers { mut block, silence } = buffers;
     let start = sys::now_ns();
     let mut period: u64 = 0;
+    // Test-only fault (--test-fault-output-stall-ms): from this time on, play nothing.
+    let stall_at = sh.config.test_fault_output_stall_ms.map_or(u64::MAX, |ms| start.saturating_add(ms.saturating_mul(1_000_000)));
 
     while sh.running.load(Ordering::Acquire) {
         period += 1;
         let deadline = start + (period as u128 * bf as u128 * 1_000_000_000 / sr as u128) as u64;
         sys::sleep_until_ns(deadline);
+        if deadline >= stall_at {
+            continue; // wedged: alive, but the position never advances again
+        }
 
         let pos = sh.position.load(Ordering::Relaxed);
         let mut played = None;

@@ -28,7 +28,7 @@ pub(crate) fn run(sh: Arc<Shared>, stop: Arc<EventFd>) {
 }
 
 fn audit(sh: &Shared, reported: &mut HashSet<String>) {
-    let Ok(mut book) = sh.shm.lock() else { return };
+    let mut book = sh.shm.lock();
     let now = sys::now_ns();
     let held = std::mem::take(&mut book.held);
     let is_live = |id: &str| match held.get(id) {

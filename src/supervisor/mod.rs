@@ -113,6 +113,8 @@ pub(crate) struct Shared {
     /// Odd while the output thread updates `position` and `last_period_ns` together (a
     /// seqlock: readers retry, the output thread never waits).
     pub clock_seq: AtomicU64,
+    /// Heartbeat ticks the monitor has handled (the watchdog's proof that it is alive).
+    pub monitor_ticks: AtomicU64,
     /// Output periods completed: the grace-period clock for freeing rings.
     pub epoch: AtomicU64,
     pub running: AtomicBool,
@@ -120,7 +122,7 @@ pub(crate) struct Shared {
     pub primed: AtomicBool,
     pub metrics: Metrics,
     pub control: ControlCore,
-    pub shm: Mutex<ShmBook>,
+    pub shm: crate::sys::PiMutex<ShmBook>,
     pub started: Instant,
 }
 
@@ -294,6 +296,11 @@ impl Handle {
         self.shared.position.load(Ordering::Acquire) * self.shared.config.block_frames as u64
     }
 
+    /// Heartbeat ticks handled by the monitor thread so far.
+    pub fn monitor_ticks(&self) -> u64 {
+        self.shared.monitor_ticks.load(Ordering::Relaxed)
+    }
+
     /// The frame the output is playing now (interpolated within its block).
     pub fn frame_now(&self) -> u64 {
         self.shared.output_now().1
@@ -385,12 +392,13 @@ impl Supervisor {
             position: AtomicU64::new(0),
             last_period_ns: AtomicU64::new(crate::sys::now_ns()),
             clock_seq: AtomicU64::new(0),
+            monitor_ticks: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             running: AtomicBool::new(true),
             primed: AtomicBool::new(false),
             metrics,
             control: ControlCore::new(config.frequency, config.gain),
-            shm: Mutex::new(ShmBook { registry: Some(registry), held: Default::default() }),
+            shm: crate::sys::PiMutex::new(ShmBook { registry: Some(registry), held: Default::default() }),
             started: Instant::now(),
             config,
         });
@@ -562,7 +570,8 @@ impl Supervisor {
         for h in [self.monitor.take(), self.housekeeping.take(), self.events.take()].into_iter().flatten() {
             let _ = h.join();
         }
-        if let Ok(mut book) = self.shared.shm.lock() {
+        {
+            let mut book = self.shared.shm.lock();
             if let Some(reg) = book.registry.take() {
                 if let Err(e) = reg.remove_all() {
                     tracing::warn!("cleaning up {}: {e}", self.shm_dir.display());

@@ -204,6 +204,8 @@ impl Monitor {
                     TOKEN_TIMER => {
                         self.timer.drain();
                         self.tick(now);
+                        // Liveness for the systemd watchdog: this loop is turning.
+                        self.sh.monitor_ticks.fetch_add(1, Ordering::Relaxed);
                     }
                     t if t & KIND_MASK == KIND_EXIT => self.on_exit(t & !KIND_MASK, now),
                     t if t & KIND_MASK == KIND_EVENT => self.on_event(t & !KIND_MASK),
@@ -235,7 +237,7 @@ impl Monitor {
         let ctl_id = format!("ctl-{slot}-g{id}");
         let owner = format!("worker-{id} (spawning)");
         let (ring_file, ctl_file) = {
-            let mut book = self.sh.shm.lock().map_err(|_| "shm book poisoned")?;
+            let mut book = self.sh.shm.lock();
             let reg = book.registry.as_mut().ok_or("shutting down")?;
             let rf = reg
                 .create(&ring_id, self.sh.geo.segment_size(), SegmentKind::AudioRing, &owner)
@@ -293,7 +295,8 @@ impl Monitor {
         };
         self.epoll.add(pidfd.as_raw_fd(), KIND_EXIT | id).map_err(|e| e.to_string())?;
         self.epoll.add(event.raw(), KIND_EVENT | id).map_err(|e| e.to_string())?;
-        if let Ok(mut book) = self.sh.shm.lock() {
+        {
+            let mut book = self.sh.shm.lock();
             if let Some(reg) = book.registry.as_mut() {
                 for s in &segments {
                     let _ = reg.set_owner(s, &format!("worker-{id} (pid {pid})"));
@@ -492,7 +495,8 @@ impl Monitor {
             Role::Draining => None,
         };
         self.sh.control.remove_target(id);
-        if let Ok(mut book) = self.sh.shm.lock() {
+        {
+            let mut book = self.sh.shm.lock();
             for s in &self.workers[i].segments {
                 book.held.insert(s.clone(), Some(now));
             }
@@ -800,7 +804,8 @@ impl Monitor {
     }
 
     fn release_segments(&self, segments: &[String]) {
-        if let Ok(mut book) = self.sh.shm.lock() {
+        {
+            let mut book = self.sh.shm.lock();
             for s in segments {
                 book.held.remove(s);
                 if let Some(reg) = book.registry.as_mut() {
