@@ -73,6 +73,7 @@ fn a_failover_is_in_the_journal_with_structured_fields() {
     let conn = bus.connection();
     let p = proxy(&conn);
     wait_until("the daemon running on the bus", Duration::from_secs(10), || p.state().is_ok_and(|s| s == "running"));
+    let realtime = get_bool(&p.get_metrics().unwrap(), "realtime");
     let old = p.primary_pid().unwrap();
     common::signal(old, libc::SIGKILL);
     let mut new = 0;
@@ -113,6 +114,15 @@ fn a_failover_is_in_the_journal_with_structured_fields() {
     let reclaimed = find("the reclaimed segments", &|e| e.get("SEGMENT").is_some() && s(e, "WORKER_PID") == old.to_string());
     assert_eq!(s(&reclaimed, "SEGMENT").split(',').count(), 2, "{reclaimed}");
     find("the stop", &|e| s(e, "MESSAGE").contains("stopping"));
+    // RT refusals: one entry per refused thread kind, none when everything got SCHED_FIFO.
+    let refusals: Vec<String> = entries.iter().filter(|e| e.get("THREAD").is_some()).map(|e| s(e, "THREAD")).collect();
+    if realtime {
+        assert!(refusals.is_empty(), "realtime granted, yet refusals logged: {refusals:?}");
+    } else {
+        let mut kinds = refusals.clone();
+        kinds.sort();
+        assert_eq!(kinds, ["monitor", "output", "render"], "each refusal logged once: {refusals:?}");
+    }
     // Code locations come along (tracing-journald's CODE_FILE / CODE_LINE).
     assert!(fo.get("CODE_FILE").is_some(), "{fo}");
 }
