@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::bus::{get_bool, get_u64, proxy, PrivateBus};
 use common::{wait_until, ShmDir};
@@ -21,17 +21,10 @@ struct Namespace {
 impl Namespace {
     fn finish(&mut self) -> std::process::ExitStatus {
         let _ = std::fs::write(self.work.join("stop"), b"");
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            if t0.elapsed() > Duration::from_secs(20) {
-                let _ = self.child.kill();
-                panic!("the journald namespace did not finish");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_child(&mut self.child, Duration::from_secs(20)).unwrap_or_else(|| {
+            let _ = self.child.kill();
+            panic!("the journald namespace did not finish")
+        })
     }
 }
 
@@ -39,12 +32,10 @@ impl Drop for Namespace {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = std::fs::write(self.work.join("stop"), b"");
-            let t0 = Instant::now();
-            while matches!(self.child.try_wait(), Ok(None)) && t0.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(20));
+            if common::wait_child(&mut self.child, Duration::from_secs(10)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
             }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }

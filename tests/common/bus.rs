@@ -134,16 +134,12 @@ impl Daemon {
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         super::signal(self.pid(), libc::SIGTERM);
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if t0.elapsed() > Duration::from_secs(5) {
+        match super::wait_child(&mut self.child, Duration::from_secs(5)) {
+            Some(st) => st,
+            None => {
                 let _ = self.child.kill();
                 panic!("audiowardend ignored SIGTERM for 5 s:\n{}", self.log_text());
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -153,12 +149,10 @@ impl Drop for Daemon {
         if let Ok(None) = self.child.try_wait() {
             // SAFETY: kill(2) on the daemon this test spawned and has not reaped.
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let t0 = Instant::now();
-            while matches!(self.child.try_wait(), Ok(None)) && t0.elapsed() < Duration::from_secs(3) {
-                std::thread::sleep(Duration::from_millis(10));
+            if super::wait_child(&mut self.child, Duration::from_secs(3)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
             }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }

@@ -135,3 +135,17 @@ pub fn temp_wav(name: &str) -> TempWav {
     std::fs::create_dir_all(&dir).unwrap();
     TempWav { path: dir.join(format!("{name}.wav")), dir }
 }
+
+/// Waits up to `timeout` for a child to exit; None if it is still running.
+pub fn wait_child(child: &mut std::process::Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        if t0.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
