@@ -468,10 +468,7 @@ impl Registry {
             }
         }
         report.files.sort();
-        if !report.files.is_empty() {
-            tracing::info!(dir = %self.dir.display(), files = report.files.len(),
-                bytes = report.bytes, "swept segments left by a previous instance");
-        }
+        // The caller logs the sweep (once, with the metrics it updates).
         Ok(report)
     }
 

@@ -376,9 +376,10 @@ impl Supervisor {
         let metrics = Metrics::default();
         if !sweep.files.is_empty() {
             tracing::warn!(
-                segments = sweep.files.len(),
-                bytes = sweep.bytes,
-                dir = %shm_dir.display(),
+                STALE_SEGMENTS = sweep.files.len(),
+                SEGMENT = %sweep.files.join(","),
+                BYTES = sweep.bytes,
+                SHM_DIR = %shm_dir.display(),
                 "reclaimed {} stale shared-memory segments ({} bytes) left by a previous instance",
                 sweep.files.len(),
                 sweep.bytes

@@ -40,6 +40,7 @@ set -euo pipefail
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
 HIERARCHIES=(cpu memory pids systemd unified)
+PATHS=()
 BUS_ADDRESS=unix:path=/run/dbus/system_bus_socket
 XRT=/run/xrt
 START_TIMEOUT=${AW_HARNESS_START_TIMEOUT:-15}
@@ -94,7 +95,7 @@ pid_is_ours() {
     rel=${pp#/sys/fs/cgroup/pids}
     while IFS= read -r line; do
         case $line in *:pids:"$rel"|*:pids:"$rel"/*) return 0 ;; esac
-    done < "/proc/$pid/cgroup" 2>/dev/null
+    done 2>/dev/null < "/proc/$pid/cgroup"
     return 1
 }
 
@@ -105,6 +106,16 @@ subtree_pids() {
         [ -d "$p" ] || continue
         find "$p" -name cgroup.procs -exec cat {} + 2>/dev/null || true
     done | sort -un
+}
+
+# Start time of PID $1 (field 22 of /proc/PID/stat, counted after the command name, which may
+# hold spaces): with the PID, identifies a process across PID reuse.
+starttime() {
+    local st
+    st=$(cat "/proc/$1/stat" 2>/dev/null) && [ -n "$st" ] || return 1
+    st=${st##*) }
+    set -- $st
+    echo "${20}"
 }
 
 # True if PID $1 exists and is not a zombie.
@@ -177,6 +188,16 @@ cmd_start() {
     log host "cgroup subtree $name, rt budget ${ok:-none}" >> "$dir/harness.log"
     [ -n "$ok" ] || echo "systemd-harness: warning: no RT budget for ${PATHS[0]}" >&2
 
+    # Watchdog: if the owner (the process that ran `start`, e.g. the test binary) dies without
+    # calling stop (killed, ctrl-C), tear down. Started before anything runs in the subtree,
+    # in a session of its own (a ctrl-C to the caller's process group does not reach it),
+    # outside the subtree, with no inherited stdio.
+    local owner owner_start
+    owner=${AW_HARNESS_OWNER_PID:-$PPID}
+    owner_start=$(starttime "$owner") || die "start: owner process $owner not found"
+    setsid bash "$SELF" __watch "$dir" "$owner" "$owner_start" </dev/null >>"$dir/harness.log" 2>&1 &
+    echo $! > "$dir/watch.pid"
+
     local opts=()
     for h in "${HIERARCHIES[@]}"; do opts+=("$(mount_opts "$h")"); done
 
@@ -205,17 +226,11 @@ cmd_start() {
         alive "$upid" || break
         sleep 0.02
     done
-    [ -n "$init_pid" ] || die "start: the namespace's init did not appear"
+    if [ -z "$init_pid" ]; then
+        alive "$upid" || die "start: the namespace's init exited during startup (see $dir/harness.log)"
+        die "start: the namespace's init did not appear"
+    fi
     echo "$init_pid" > "$dir/init.pid"
-
-    # Watchdog: if the owner (the process that ran `start`, e.g. the test binary) dies without
-    # calling stop, tear down. Runs outside the subtree, with no inherited stdio.
-    owner=${AW_HARNESS_OWNER_PID:-$PPID}
-    local owner_start
-    owner_start=$(awk '{ print $22 }' "/proc/$owner/stat" 2>/dev/null || echo x)
-    setsid bash "$SELF" __watch "$dir" "$owner" "$owner_start" "$init_pid" \
-        </dev/null >>"$dir/harness.log" 2>&1 &
-    echo $! > "$dir/watch.pid"
 
     # Ready when the manager says so.
     state=
@@ -238,6 +253,9 @@ cmd_start() {
 # ---------------------------------------------------------------------------------------------
 init_part() {
     local dir=$1 h opts i line conf sd_pid jd_pid bus_pid status
+    # PID 1 only gets the signals it handles: a SIGTERM from `stop` during setup ends it (and
+    # with it the namespace) at once.
+    trap 'log init "SIGTERM during setup"; exit 143' TERM
     # Refuse to go on unless every namespace is really new: a manager outside them takes over
     # every process of the machine.
     [ "$$" = 1 ] || die "init: not PID 1 of a new PID namespace"
@@ -374,15 +392,24 @@ EOF
 }
 
 # ---------------------------------------------------------------------------------------------
-# The watchdog: tears down if the owner dies first. Leaves quietly once the init is gone.
+# The watchdog: tears down if the owner dies first, or if DIR disappears under a live harness.
+# Leaves quietly once the subtree is gone (a normal stop; stop also SIGTERMs it).
 # ---------------------------------------------------------------------------------------------
 watch_part() {
-    local dir=$1 owner=$2 owner_start=$3 init_pid=$4 now
-    load_paths "$dir"
-    while pid_is_ours "$init_pid" && [ -d "$dir" ]; do
-        now=$(awk '{ print $22 }' "/proc/$owner/stat" 2>/dev/null || echo gone)
-        if [ "$now" != "$owner_start" ]; then
+    local dir=$1 owner=$2 owner_start=$3
+    load_paths "$dir"            # kept in memory: still usable if DIR is deleted
+    [ ${#PATHS[@]} -gt 0 ] || return 0
+    while [ -d "${PATHS[0]}" ]; do
+        if [ "$(starttime "$owner" || echo gone)" != "$owner_start" ]; then
             log watch "owner $owner is gone: tearing down"
+            AW_HARNESS_IN_WATCH=1 cmd_stop "$dir" || true
+            return 0
+        fi
+        if [ ! -f "$dir/cgroup.paths" ]; then
+            # stop removes cgroup.paths only after the subtree; give it time to finish.
+            sleep 2
+            [ -d "${PATHS[0]}" ] || return 0
+            log watch "$dir vanished under a live harness: tearing down" >&2
             AW_HARNESS_IN_WATCH=1 cmd_stop "$dir" || true
             return 0
         fi
@@ -413,8 +440,8 @@ cmd_run() {
 cmd_stop() {
     [ $# -eq 1 ] || die "usage: $0 stop DIR"
     local dir=$1 init_pid upid wpid pid p i left
-    [ -d "$dir" ] || return 0
-    load_paths "$dir"
+    # The subtree's paths: from DIR, or (watchdog, DIR deleted) those already in memory.
+    if [ -f "$dir/cgroup.paths" ]; then load_paths "$dir"; fi
     [ ${#PATHS[@]} -gt 0 ] || return 0
     init_pid=$(cat "$dir/init.pid" 2>/dev/null || true)
     upid=$(cat "$dir/unshare.pid" 2>/dev/null || true)
@@ -422,8 +449,10 @@ cmd_stop() {
 
     if pid_is_ours "$init_pid"; then
         # Orderly: the manager stops its units and exits, then the init part ends.
-        (ns_exec "$init_pid" "$dir" timeout 5 systemctl --user exit) >/dev/null 2>&1 || true
-        for i in $(seq 100); do pid_is_ours "$init_pid" || break; sleep 0.05; done
+        # (If the manager does not answer, e.g. it is still starting, go straight to SIGTERM.)
+        if (ns_exec "$init_pid" "$dir" timeout 5 systemctl --user exit) >/dev/null 2>&1; then
+            for i in $(seq 100); do pid_is_ours "$init_pid" || break; sleep 0.05; done
+        fi
         # Then SIGTERM (init's handler stops the manager), then SIGKILL: killing PID 1 of a
         # PID namespace kills everything in it.
         if pid_is_ours "$init_pid"; then
