@@ -65,6 +65,7 @@ fn a_failover_is_in_the_journal_with_structured_fields() {
     let p = proxy(&conn);
     wait_until("the daemon running on the bus", Duration::from_secs(10), || p.state().is_ok_and(|s| s == "running"));
     let realtime = get_bool(&p.get_metrics().unwrap(), "realtime");
+    assert!(p.set_gain(2.0).is_err(), "a rejected call, to be logged");
     let old = p.primary_pid().unwrap();
     common::signal(old, libc::SIGKILL);
     let mut new = 0;
@@ -105,6 +106,10 @@ fn a_failover_is_in_the_journal_with_structured_fields() {
     let reclaimed = find("the reclaimed segments", &|e| e.get("SEGMENT").is_some() && s(e, "WORKER_PID") == old.to_string());
     assert_eq!(s(&reclaimed, "SEGMENT").split(',').count(), 2, "{reclaimed}");
     find("the stop", &|e| s(e, "MESSAGE").contains("stopping"));
+    let rejected = find("the rejected call", &|e| e.get("METHOD").is_some());
+    assert_eq!(s(&rejected, "METHOD"), "SetGain");
+    assert_eq!(s(&rejected, "VALUE").parse::<f64>().ok(), Some(2.0));
+    assert!(s(&rejected, "MESSAGE").contains("0 <= g <= 1"), "{rejected}");
     // RT refusals: one entry per refused thread kind, none when everything got SCHED_FIFO.
     let refusals: Vec<String> = entries.iter().filter(|e| e.get("THREAD").is_some()).map(|e| s(e, "THREAD")).collect();
     if realtime {

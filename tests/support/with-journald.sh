@@ -8,9 +8,12 @@ set -euo pipefail
 work=$1; shift
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/systemd/journal
-printf '[Journal]\nStorage=volatile\nRateLimitBurst=0\n' > "$work/journald.conf"
+# Volatile, and touching nothing of the host: no kmsg, no syslog, and no audit (journald 252
+# would otherwise switch on the host kernel's audit, which is machine-wide).
+printf '[Journal]\nStorage=volatile\nRateLimitBurst=0\nReadKMsg=no\nForwardToSyslog=no\nForwardToKMsg=no\nForwardToConsole=no\nForwardToWall=no\n' > "$work/journald.conf"
 mount --bind "$work/journald.conf" /etc/systemd/journald.conf
-/lib/systemd/systemd-journald & jpid=$!
+[ ! -d /etc/systemd/journald.conf.d ] || mount -t tmpfs -o mode=0755 aw-empty /etc/systemd/journald.conf.d
+setpriv --bounding-set=-audit_control,-audit_read -- /lib/systemd/systemd-journald & jpid=$!
 cmd_pid=
 cleanup() {
     [ -n "$cmd_pid" ] && kill -TERM "$cmd_pid" 2>/dev/null || true
