@@ -9,21 +9,32 @@ use clap::{Parser, ValueEnum};
 /// Where the audio goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputSpec {
+    /// `alsa:default` if it opens, else `Virtual` (with one warning saying why).
+    Auto,
     /// Paced on CLOCK_MONOTONIC like a sound card, plays into nothing.
     Virtual,
     /// Like `Virtual`, and records every played frame to a 32-bit float WAV file.
     Wav(PathBuf),
+    /// An ALSA PCM (`default`, `hw:0,0`, `plughw:CARD=PCH,DEV=0`, `plug:jack`, ...).
+    Alsa(String),
 }
 
 impl FromStr for OutputSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("unknown output {s:?}: expected `auto`, `virtual`, `wav:PATH` or `alsa:PCM` (see --list-outputs)");
         match s {
+            "auto" => Ok(OutputSpec::Auto),
             "virtual" => Ok(OutputSpec::Virtual),
-            _ => match s.strip_prefix("wav:") {
-                Some(p) if !p.is_empty() => Ok(OutputSpec::Wav(PathBuf::from(p))),
-                _ => Err(format!("unknown output {s:?}: expected `virtual` or `wav:PATH`")),
-            },
+            _ => {
+                if let Some(p) = s.strip_prefix("wav:") {
+                    (!p.is_empty()).then(|| OutputSpec::Wav(PathBuf::from(p))).ok_or_else(bad)
+                } else if let Some(pcm) = s.strip_prefix("alsa:") {
+                    (!pcm.is_empty()).then(|| OutputSpec::Alsa(pcm.to_owned())).ok_or_else(bad)
+                } else {
+                    Err(bad())
+                }
+            }
         }
     }
 }
@@ -48,10 +59,20 @@ pub enum StandbyMode {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "audiowardend", version, about, long_about = None)]
 pub struct Config {
-    /// Audio output: `virtual` (paced like a sound card, no device) or `wav:PATH` (the same,
-    /// recording every played frame to PATH).
-    #[arg(long, default_value = "virtual", value_parser = OutputSpec::from_str)]
+    /// Audio output: `auto` (`alsa:default` if it opens, else `virtual`), `alsa:PCM` (an ALSA
+    /// device, e.g. alsa:default, alsa:hw:0,0, alsa:plug:jack), `virtual` (paced like a sound
+    /// card, no device) or `wav:PATH` (virtual, recording every played frame to PATH).
+    #[arg(long, default_value = "auto", value_parser = OutputSpec::from_str)]
     pub output: OutputSpec,
+
+    /// ALSA device buffer, in periods of --block-frames: what the device holds ahead of the
+    /// sound (its latency) and how long the output thread may be late before an xrun.
+    #[arg(long, default_value_t = 4)]
+    pub device_periods: u32,
+
+    /// List the outputs ALSA can play to, with the --output value for each, and exit.
+    #[arg(long)]
+    pub list_outputs: bool,
 
     /// Directory of the shared-memory segments and their manifest.json.
     #[arg(long, default_value = "/dev/shm/audiowarden")]
@@ -132,6 +153,16 @@ pub struct Config {
     /// a daemon that plays nothing. Hidden from --help.
     #[arg(long, hide = true)]
     pub test_fault_output_stall_ms: Option<u64>,
+
+    /// TEST ONLY, never in production: `AT_MS:FOR_MS`, the output thread sleeps FOR_MS once,
+    /// AT_MS after start (a writer stalled longer than the device buffer: an xrun).
+    #[arg(long, hide = true, value_parser = parse_pause)]
+    pub test_fault_output_pause: Option<(u64, u64)>,
+}
+
+fn parse_pause(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once(':').ok_or("expected AT_MS:FOR_MS")?;
+    Ok((a.parse().map_err(|_| "AT_MS: not a number")?, b.parse().map_err(|_| "FOR_MS: not a number")?))
 }
 
 impl Default for Config {
@@ -163,6 +194,9 @@ impl Config {
         }
         if !(2..=64).contains(&self.lookahead_blocks) {
             return err("lookahead-blocks", format!("{} is outside 2..=64 blocks", self.lookahead_blocks));
+        }
+        if !(2..=32).contains(&self.device_periods) {
+            return err("device-periods", format!("{} is outside 2..=32 periods", self.device_periods));
         }
         if !(1..=64).contains(&self.hang_timeout_blocks) {
             return err("hang-timeout-blocks", format!("{} is outside 1..=64 blocks", self.hang_timeout_blocks));
@@ -197,5 +231,39 @@ impl Config {
     /// Length of one block in nanoseconds.
     pub fn block_ns(&self) -> u64 {
         self.block_frames as u64 * 1_000_000_000 / self.sample_rate as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_values_parse_and_bad_ones_name_the_choices() {
+        assert_eq!("auto".parse(), Ok(OutputSpec::Auto));
+        assert_eq!("virtual".parse(), Ok(OutputSpec::Virtual));
+        assert_eq!("wav:/tmp/x.wav".parse(), Ok(OutputSpec::Wav("/tmp/x.wav".into())));
+        assert_eq!("alsa:plughw:CARD=PCH,DEV=0".parse(), Ok(OutputSpec::Alsa("plughw:CARD=PCH,DEV=0".into())));
+        assert_eq!("alsa:plug:jack".parse(), Ok(OutputSpec::Alsa("plug:jack".into())));
+        for bad in ["alsa:", "wav:", "speakers", ""] {
+            let e = bad.parse::<OutputSpec>().unwrap_err();
+            assert!(e.contains("alsa:PCM") && e.contains("--list-outputs"), "{e}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_auto_output_and_four_device_periods() {
+        let c = Config::default();
+        assert_eq!(c.output, OutputSpec::Auto);
+        assert_eq!(c.device_periods, 4);
+        assert!(c.validate().is_ok());
+        let bad = Config { device_periods: 1, ..Config::default() };
+        assert_eq!(bad.validate().unwrap_err().key, "device-periods");
+    }
+
+    #[test]
+    fn the_output_pause_fault_parses() {
+        assert_eq!(parse_pause("1500:200"), Ok((1500, 200)));
+        assert!(parse_pause("1500").is_err());
     }
 }

@@ -17,6 +17,10 @@ fn main() -> ExitCode {
         return ExitCode::from(audiowarden::worker::main(&args[2..]) as u8);
     }
     let config = Config::parse();
+    if config.list_outputs {
+        list_outputs();
+        return ExitCode::SUCCESS;
+    }
     audiowarden::logging::init();
     if let Err(e) = config.validate() {
         tracing::error!("{e}");
@@ -83,6 +87,15 @@ fn main() -> ExitCode {
             tracing::error!("stopping: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--list-outputs`: what can be given to --output on this machine.
+fn list_outputs() {
+    println!("{:<44} {}", "virtual", "paced like a sound card, no device (always available)");
+    println!("{:<44} {}", "wav:PATH", "virtual, recording every played frame to PATH");
+    for (value, desc) in audiowarden::output::alsa::list_outputs() {
+        println!("{value:<44} {desc}");
     }
 }
 

@@ -53,6 +53,7 @@ fn a_failover_is_in_the_journal_with_structured_fields() {
         .arg(env!("CARGO_BIN_EXE_audiowardend"))
         .arg("--shm-dir")
         .arg(&shm.0)
+        .args(["--output", "virtual"])
         .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
         .env("RUST_LOG", "info")
         .env_remove("AUDIOWARDEN_LOG")

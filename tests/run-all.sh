@@ -27,10 +27,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# pkg-config: build; dbus: dbus-daemon and dbus-send for the private system bus; systemd:
+# pkg-config, libasound2-dev: build (alsa-sys); dbus: dbus-daemon and dbus-send for the private system bus; systemd:
 # busctl, systemd-journald, journalctl, systemctl, systemd --user and systemd-analyze;
 # util-linux: setpriv, unshare, nsenter; procps: pgrep inside the systemd namespace.
-need_pkgs=(pkg-config dbus systemd util-linux procps)
+need_pkgs=(pkg-config libasound2-dev dbus systemd util-linux procps)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -21,7 +21,7 @@ fn install(h: &SystemdHarness, shm: &str, extra_args: &str, extra_service: &str)
         UNIT,
         "test",
         &format!(
-            "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=\nExecStart={} --shm-dir {shm} {extra_args}\nUser=\nGroup=\nSupplementaryGroups=\nAmbientCapabilities=\nWatchdogSec=1s\nTimeoutStopSec=3s\n{extra_service}\n",
+            "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=\nExecStart={} --shm-dir {shm} --output virtual {extra_args}\nUser=\nGroup=\nSupplementaryGroups=\nAmbientCapabilities=\nWatchdogSec=1s\nTimeoutStopSec=3s\n{extra_service}\n",
             env!("CARGO_BIN_EXE_audiowardend")
         ),
     );

@@ -85,6 +85,12 @@ pub fn metrics_dict(m: &MetricsSnapshot, block_frames: u32) -> HashMap<String, O
     dist("rebuild_time_ms", &m.rebuild_time_ms);
     put("underruns", m.underruns.into());
     put("frames_played", m.frames_played.into());
+    put("device", OwnedValue::try_from(zbus::zvariant::Value::from(m.device.as_str())).expect("a string is a value"));
+    put("period_frames", m.period_frames.into());
+    put("buffer_frames", m.buffer_frames.into());
+    put("output_latency_ms", m.output_latency_ms.into());
+    put("device_xruns", m.device_xruns.into());
+    put("device_losses", m.device_losses.into());
     put("control_received", m.control_received.into());
     put("control_applied", m.control_applied.into());
     put("control_coalesced", m.control_coalesced.into());
@@ -134,6 +140,11 @@ pub const REQUIRED_METRICS: &[(&str, &str)] = &[
     ("cpu_percent", "d"),
     ("sample_rate", "u"),
     ("uptime_s", "d"),
+    ("device", "s"),
+    ("period_frames", "u"),
+    ("buffer_frames", "u"),
+    ("output_latency_ms", "d"),
+    ("device_xruns", "t"),
 ];
 
 #[cfg(test)]

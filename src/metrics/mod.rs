@@ -28,6 +28,12 @@ pub struct Metrics {
     /// Output thread: periods in which no ring held the block the output needed.
     pub underruns: AtomicU64,
     pub frames_played: AtomicU64,
+    /// Output thread: xruns of the device's own buffer (the output thread was late), recovered.
+    pub device_xruns: AtomicU64,
+    /// Output thread: times the device went away (then reopened with backoff).
+    pub device_losses: AtomicU64,
+    /// Output thread: frames queued in the device after the last write.
+    pub output_latency_frames: AtomicU64,
     /// Output thread: sequence number of the last control message in the played stream.
     pub played_seq: AtomicU64,
     pub control_received: AtomicU64,
@@ -71,6 +77,9 @@ impl Default for Metrics {
             throttled_spawns: AtomicU64::new(0),
             underruns: AtomicU64::new(0),
             frames_played: AtomicU64::new(0),
+            device_xruns: AtomicU64::new(0),
+            device_losses: AtomicU64::new(0),
+            output_latency_frames: AtomicU64::new(0),
             played_seq: AtomicU64::new(0),
             control_received: AtomicU64::new(0),
             control_coalesced: AtomicU64::new(0),
@@ -111,6 +120,13 @@ pub struct MetricsSnapshot {
     pub rebuild_time_ms: Dist,
     pub underruns: u64,
     pub frames_played: u64,
+    pub device_xruns: u64,
+    pub device_losses: u64,
+    /// The output device ("virtual", "wav:PATH" or the ALSA PCM name) and what it agreed to.
+    pub device: String,
+    pub period_frames: u32,
+    pub buffer_frames: u32,
+    pub output_latency_ms: f64,
     pub control_received: u64,
     /// Accepted messages heard in the played stream (not counting coalesced ones).
     pub control_applied: u64,
@@ -166,6 +182,13 @@ impl Metrics {
             rebuild_time_ms: rb,
             underruns: r(&self.underruns),
             frames_played: r(&self.frames_played),
+            device_xruns: r(&self.device_xruns),
+            device_losses: r(&self.device_losses),
+            // Filled in by the supervisor, which knows the device.
+            device: String::new(),
+            period_frames: 0,
+            buffer_frames: 0,
+            output_latency_ms: r(&self.output_latency_frames) as f64 * 1000.0 / sample_rate as f64,
             control_received: r(&self.control_received),
             control_coalesced: r(&self.control_coalesced),
             // Every sequence number up to this one is in the stream; the supervisor

@@ -2,8 +2,10 @@
 //! per period.
 //!
 //! Audio thread. After start-up this loop allocates nothing, takes no lock, logs nothing and
-//! blocks only in its absolute-time sleep; what it has to say leaves through atomics
-//! (metrics) and the WAV tap's wait-free ring.
+//! blocks only in its wake-up: the absolute-time sleep of the virtual clock, or the ALSA
+//! device's wait for room. What it has to say leaves through atomics (metrics) and the WAV
+//! tap's wait-free ring. (One exception, on a degraded path: reopening an ALSA device that
+//! went away allocates; nothing is playing then.)
 //!
 //! Each period it plays block `pos` from the first ring that holds a valid one, the active
 //! worker's first. Every ring agrees on what block `pos` is (see shm::ring), so a dead
@@ -11,6 +13,7 @@
 //! are interchangeable: failover is just which ring answers. No ring holding it is an
 //! underrun: the period plays silence and `pos` stays, so the stream resumes where it left off.
 
+pub mod alsa;
 pub mod wav;
 
 use std::sync::atomic::Ordering;
@@ -19,19 +22,14 @@ use std::sync::Arc;
 use crate::supervisor::Shared;
 use crate::sys;
 
-/// Where played blocks go besides the (virtual) device clock.
+/// Where played blocks go, and what paces the output thread.
 pub enum Sink {
+    /// CLOCK_MONOTONIC paces; the blocks go nowhere.
     Virtual,
+    /// CLOCK_MONOTONIC paces; the blocks go to a WAV file.
     Wav(wav::WavTap),
-}
-
-impl Sink {
-    fn play(&mut self, block: &[f32]) {
-        match self {
-            Sink::Virtual => {}
-            Sink::Wav(tap) => tap.push(block),
-        }
-    }
+    /// The device paces (its buffer has room for a block) and plays.
+    Alsa(alsa::AlsaOut),
 }
 
 /// The output thread's only memory besides its stack: allocated before the thread starts.
@@ -46,8 +44,15 @@ impl Buffers {
     }
 }
 
-/// The output thread's body. Paced on CLOCK_MONOTONIC: period `n` ends at
-/// `start + n * block_frames / sample_rate`, computed exactly so the clock never drifts.
+/// Reopening a device that went away: first retry after this, doubling up to the max.
+const REOPEN_FIRST_NS: u64 = 100_000_000;
+const REOPEN_MAX_NS: u64 = 2_000_000_000;
+
+/// The output thread's body. With the virtual clock, period `n` ends at
+/// `start + n * block_frames / sample_rate`, computed exactly so the clock never drifts; with a
+/// device, the device's clock paces. If the device goes away, the virtual clock takes over
+/// (the engine keeps rendering, the stream position keeps advancing, the state is degraded)
+/// and the device is reopened with backoff.
 /// The outcome of the SCHED_FIFO request goes back through `rt` (this thread never logs).
 pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sync::mpsc::Sender<std::io::Result<()>>) {
     let fifo = sys::set_fifo(sh.config.output_priority);
@@ -57,32 +62,101 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sy
     let bf = sh.config.block_frames as u64;
     let sr = sh.config.sample_rate as u64;
     let Buffers { mut block, silence } = buffers;
-    let start = sys::now_ns();
+    let device_name = match &sink {
+        Sink::Alsa(d) => Some(d.info.name.clone()),
+        _ => None,
+    };
+    let mut start = sys::now_ns();
     let mut period: u64 = 0;
-    // Test-only fault (--test-fault-output-stall-ms): from this time on, play nothing.
-    let stall_at = sh.config.test_fault_output_stall_ms.map_or(u64::MAX, |ms| start.saturating_add(ms.saturating_mul(1_000_000)));
+    // Device gone: (next reopen attempt, current backoff).
+    let mut reopen: Option<(u64, u64)> = None;
+    // Test-only faults (--test-fault-output-stall-ms, --test-fault-output-pause).
+    let t0 = start;
+    let stall_at = sh.config.test_fault_output_stall_ms.map_or(u64::MAX, |ms| t0.saturating_add(ms.saturating_mul(1_000_000)));
+    let mut pause = sh.config.test_fault_output_pause.map(|(at, dur)| (t0 + at * 1_000_000, dur * 1_000_000));
 
     while sh.running.load(Ordering::Acquire) {
-        period += 1;
-        let deadline = start + (period as u128 * bf as u128 * 1_000_000_000 / sr as u128) as u64;
-        sys::sleep_until_ns(deadline);
-        if deadline >= stall_at {
+        // 1. Wait for the time (or the room) to play the next block.
+        let now = match &mut sink {
+            Sink::Alsa(dev) if reopen.is_none() => match dev.wait_room(bf as usize) {
+                Ok(()) => sys::now_ns(),
+                Err(alsa::DeviceError::Xrun) => {
+                    sh.metrics.device_xruns.fetch_add(1, Ordering::Relaxed);
+                    sys::now_ns()
+                }
+                Err(alsa::DeviceError::Gone(_)) => {
+                    lose_device(&sh, &mut reopen, &mut start, &mut period);
+                    continue;
+                }
+            },
+            _ => {
+                period += 1;
+                let deadline = start + (period as u128 * bf as u128 * 1_000_000_000 / sr as u128) as u64;
+                sys::sleep_until_ns(deadline);
+                deadline
+            }
+        };
+        if now >= stall_at {
             continue; // wedged: alive, but the position never advances again
         }
+        if let Some((at, dur)) = pause {
+            if now >= at {
+                pause = None;
+                sys::sleep_until_ns(now + dur);
+            }
+        }
+        if let (Some((when, backoff)), Some(name)) = (reopen, &device_name) {
+            if now >= when {
+                match alsa::AlsaOut::open(name, sh.config.sample_rate, sh.config.block_frames, sh.config.device_periods) {
+                    Ok(dev) => {
+                        sink = Sink::Alsa(dev);
+                        reopen = None;
+                        sh.output_degraded.store(false, Ordering::Release);
+                        continue;
+                    }
+                    Err(_) => reopen = Some((now + backoff, (backoff * 2).min(REOPEN_MAX_NS))),
+                }
+            }
+        }
 
+        // 2. Play block `pos` from any ring that holds it, or silence.
         let pos = sh.position.load(Ordering::Relaxed);
         let mut played = None;
         sh.table.for_each(|w| {
             played = w.ring.read_block(pos, &mut block);
             played.is_none()
         });
+        let out: &[f32] = if played.is_some() { &block } else { &silence };
+        match &mut sink {
+            Sink::Virtual => {}
+            Sink::Wav(tap) => tap.push(out),
+            Sink::Alsa(_) if reopen.is_some() => {}
+            Sink::Alsa(dev) => {
+                let mut r = dev.write(out);
+                if r == Err(alsa::DeviceError::Xrun) {
+                    // Recovered (prepared): count it and write the block again.
+                    sh.metrics.device_xruns.fetch_add(1, Ordering::Relaxed);
+                    r = dev.write(out);
+                }
+                match r {
+                    Ok(()) => {
+                        if let Some(d) = dev.delay_frames() {
+                            sh.metrics.output_latency_frames.store(d.max(0) as u64, Ordering::Relaxed);
+                        }
+                    }
+                    Err(alsa::DeviceError::Xrun) => {
+                        sh.metrics.device_xruns.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(alsa::DeviceError::Gone(_)) => lose_device(&sh, &mut reopen, &mut start, &mut period),
+                }
+            }
+        }
         match played {
             Some(state) => {
-                sink.play(&block);
                 // Seqlock write (see Shared::clock_seq): position and its start time change
                 // together for readers.
                 sh.clock_seq.fetch_add(1, Ordering::AcqRel);
-                sh.last_period_ns.store(deadline, Ordering::Release);
+                sh.last_period_ns.store(now, Ordering::Release);
                 sh.position.store(pos + 1, Ordering::Release);
                 sh.clock_seq.fetch_add(1, Ordering::Release);
                 sh.metrics.frames_played.fetch_add(bf, Ordering::Relaxed);
@@ -98,11 +172,23 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sy
             }
             None => {
                 sh.metrics.underruns.fetch_add(1, Ordering::Relaxed);
-                sink.play(&silence);
             }
         }
         // Every reference into the table taken this period is dead now.
         // SeqCst pairs with the monitor's SeqCst clear-then-read-epoch (see SlotTable).
         sh.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The device went away: the virtual clock takes over from now, the state is degraded, and a
+/// reopen is scheduled.
+fn lose_device(sh: &Shared, reopen: &mut Option<(u64, u64)>, start: &mut u64, period: &mut u64) {
+    if reopen.is_none() {
+        let now = sys::now_ns();
+        *reopen = Some((now + REOPEN_FIRST_NS, REOPEN_FIRST_NS * 2));
+        *start = now;
+        *period = 0;
+        sh.output_degraded.store(true, Ordering::Release);
+        sh.metrics.device_losses.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -115,6 +115,10 @@ pub(crate) struct Shared {
     pub clock_seq: AtomicU64,
     /// Heartbeat ticks the monitor has handled (the watchdog's proof that it is alive).
     pub monitor_ticks: AtomicU64,
+    /// The output device went away and is being reopened (the virtual clock plays meanwhile).
+    pub output_degraded: AtomicBool,
+    /// The output as opened at start.
+    pub device: std::sync::OnceLock<OutputInfo>,
     /// Output periods completed: the grace-period clock for freeing rings.
     pub epoch: AtomicU64,
     pub running: AtomicBool,
@@ -147,9 +151,24 @@ impl Shared {
 
     fn snapshot(&self) -> MetricsSnapshot {
         let mut m = self.metrics.snapshot(self.config.sample_rate, self.started.elapsed().as_secs_f64());
+        if let Some(d) = self.device.get() {
+            m.device = d.name.clone();
+            m.period_frames = d.period_frames;
+            m.buffer_frames = d.buffer_frames;
+        }
         m.control_applied -= self.control.coalesced_through(m.control_applied).min(m.control_applied);
         m
     }
+}
+
+/// The output in use, as GetMetrics and the start-up log report it.
+#[derive(Debug, Clone)]
+pub struct OutputInfo {
+    /// `virtual`, `wav:PATH` or `alsa:PCM`.
+    pub name: String,
+    pub period_frames: u32,
+    /// Device buffer (0 for the virtual clock, which has none).
+    pub buffer_frames: u32,
 }
 
 /// The registry plus what the monitor holds: segment id -> CLOCK_MONOTONIC ns at which its
@@ -275,7 +294,8 @@ impl Handle {
             State::Stopping
         } else if !sh.primed.load(Ordering::Acquire) {
             State::Starting
-        } else if sh.metrics.primary_pid.load(Ordering::Relaxed) == 0
+        } else if sh.output_degraded.load(Ordering::Acquire)
+            || sh.metrics.primary_pid.load(Ordering::Relaxed) == 0
             || (sh.config.standby != crate::config::StandbyMode::None && !sh.metrics.spare_ready.load(Ordering::Acquire))
         {
             State::Degraded
@@ -394,6 +414,8 @@ impl Supervisor {
             last_period_ns: AtomicU64::new(crate::sys::now_ns()),
             clock_seq: AtomicU64::new(0),
             monitor_ticks: AtomicU64::new(0),
+            output_degraded: AtomicBool::new(false),
+            device: std::sync::OnceLock::new(),
             epoch: AtomicU64::new(0),
             running: AtomicBool::new(true),
             primed: AtomicBool::new(false),
@@ -406,14 +428,49 @@ impl Supervisor {
         let stop = Arc::new(EventFd::new(true).map_err(StartError::Monitor)?);
         let (events_tx, events_rx) = mpsc::channel();
 
-        let (sink, wav) = match &shared.config.output {
-            OutputSpec::Virtual => (Sink::Virtual, None),
+        let cfg = &shared.config;
+        let open_alsa = |pcm: &str| output::alsa::AlsaOut::open(pcm, cfg.sample_rate, cfg.block_frames, cfg.device_periods);
+        let virtual_info = |name: String| OutputInfo { name, period_frames: cfg.block_frames, buffer_frames: 0 };
+        let (sink, wav, info) = match &cfg.output {
+            OutputSpec::Virtual => (Sink::Virtual, None, virtual_info("virtual".into())),
             OutputSpec::Wav(path) => {
-                let (tap, rec) = output::wav::start(path, shared.config.sample_rate, 2, shared.config.sample_rate as usize)
+                let (tap, rec) = output::wav::start(path, cfg.sample_rate, 2, cfg.sample_rate as usize)
                     .map_err(|e| StartError::Output(e.to_string()))?;
-                (Sink::Wav(tap), Some(rec))
+                (Sink::Wav(tap), Some(rec), virtual_info(format!("wav:{}", path.display())))
             }
+            OutputSpec::Alsa(pcm) => {
+                let dev = open_alsa(pcm).map_err(|e| StartError::Output(e.to_string()))?;
+                let info = OutputInfo { name: format!("alsa:{pcm}"), period_frames: dev.info.period_frames, buffer_frames: dev.info.buffer_frames };
+                (Sink::Alsa(dev), None, info)
+            }
+            OutputSpec::Auto => match open_alsa("default") {
+                Ok(dev) => {
+                    let info = OutputInfo { name: "alsa:default".into(), period_frames: dev.info.period_frames, buffer_frames: dev.info.buffer_frames };
+                    (Sink::Alsa(dev), None, info)
+                }
+                Err(e) => {
+                    tracing::warn!("--output auto: {e}; playing on the virtual output (no sound)");
+                    (Sink::Virtual, None, virtual_info("virtual".into()))
+                }
+            },
         };
+        if let Sink::Alsa(dev) = &sink {
+            let d = &dev.info;
+            tracing::info!(
+                DEVICE = %d.name,
+                "ALSA device {}: {} Hz {}, period {} frames, buffer {} frames ({:.2} ms)",
+                d.name,
+                d.rate,
+                d.format,
+                d.period_frames,
+                d.buffer_frames,
+                d.buffer_frames as f64 * 1000.0 / d.rate as f64
+            );
+            if d.rate != cfg.sample_rate {
+                return Err(StartError::Output(format!("{} plays at {} Hz, not {} Hz", d.name, d.rate, cfg.sample_rate)));
+            }
+        }
+        let _ = shared.device.set(info);
 
         let cpu_latency = shared.config.cpu_latency_qos_us.and_then(|us| match crate::sys::cpu_latency_request(us) {
             Ok(f) => {

@@ -96,6 +96,7 @@ impl Daemon {
             .command(env!("CARGO_BIN_EXE_audiowardend"))
             .arg("--shm-dir")
             .arg(&shm.0)
+            .args(["--output", "virtual"])
             .args(args)
             .env("AUDIOWARDEN_LOG", "stderr")
             .env("RUST_LOG", "info")

@@ -1,0 +1,229 @@
+//! ALSA playback for the output thread: interleaved writes, float or S16, period = block.
+//!
+//! Audio thread code. [`AlsaOut::open`] allocates and negotiates; after it, [`AlsaOut::wait_room`]
+//! and [`AlsaOut::write`] only call into alsa-lib's transfer path (no allocation, no logging):
+//! the device paces the thread (it blocks in `snd_pcm_wait` until a block fits). An xrun
+//! (EPIPE) is recovered with `snd_pcm_prepare` and reported to the caller, which counts it; a
+//! device that is gone (ENODEV, EBADFD, ESTRPIPE) is reported as such and the caller reopens
+//! it with backoff.
+
+use alsa::pcm::{Access, Format, HwParams, State, PCM};
+use alsa::{Direction, ValueOr};
+
+/// What the device agreed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The ALSA PCM name as given (`default`, `hw:0,0`, `plug:jack`, ...).
+    pub name: String,
+    pub rate: u32,
+    /// `FLOAT_LE` or `S16_LE`.
+    pub format: &'static str,
+    pub period_frames: u32,
+    pub buffer_frames: u32,
+}
+
+/// Why a device could not be opened or configured.
+#[derive(Debug, thiserror::Error)]
+#[error("ALSA device {name:?}: {what}: {source}")]
+pub struct OpenError {
+    pub name: String,
+    pub what: &'static str,
+    #[source]
+    pub source: alsa::Error,
+}
+
+/// What went wrong on the audio path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceError {
+    /// An underrun of the device's buffer (EPIPE): recovered, count it, keep writing.
+    Xrun,
+    /// The device went away or was suspended; reopen it.
+    Gone(i32),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SampleFormat {
+    F32,
+    S16,
+}
+
+pub struct AlsaOut {
+    pcm: PCM,
+    format: SampleFormat,
+    channels: usize,
+    /// Conversion buffer for S16 devices (allocated at open).
+    s16: Vec<i16>,
+    pub info: DeviceInfo,
+}
+
+const CHANNELS: u32 = 2;
+
+impl AlsaOut {
+    /// Opens `name` for playback at `rate` Hz, stereo, float (S16 if the device refuses
+    /// float), with periods of `block_frames` and a buffer of `periods` periods, and sets the
+    /// software parameters so that playback starts once the buffer is full and the thread
+    /// wakes up for every period.
+    ///
+    /// # Errors
+    /// The device cannot be opened, or refuses the rate, channels, access or formats.
+    pub fn open(name: &str, rate: u32, block_frames: u32, periods: u32) -> Result<AlsaOut, OpenError> {
+        let err = |what| move |source| OpenError { name: name.to_owned(), what, source };
+        let pcm = PCM::new(name, Direction::Playback, false).map_err(err("open"))?;
+        let format;
+        let (period, buffer);
+        {
+            let hw = HwParams::any(&pcm).map_err(err("hw params"))?;
+            hw.set_access(Access::RWInterleaved).map_err(err("interleaved access"))?;
+            hw.set_channels(CHANNELS).map_err(err("2 channels"))?;
+            hw.set_rate_resample(true).map_err(err("resampling"))?;
+            hw.set_rate(rate, ValueOr::Nearest).map_err(err("sample rate"))?;
+            format = if hw.test_format(Format::float()).is_ok() {
+                hw.set_format(Format::float()).map_err(err("float format"))?;
+                SampleFormat::F32
+            } else {
+                hw.set_format(Format::s16()).map_err(err("S16 format"))?;
+                SampleFormat::S16
+            };
+            hw.set_period_size_near(block_frames as alsa::pcm::Frames, ValueOr::Nearest).map_err(err("period size"))?;
+            hw.set_buffer_size_near((block_frames * periods) as alsa::pcm::Frames).map_err(err("buffer size"))?;
+            pcm.hw_params(&hw).map_err(err("applying hw params"))?;
+        }
+        {
+            let cur = pcm.hw_params_current().map_err(err("reading hw params"))?;
+            period = cur.get_period_size().map_err(err("period size"))?;
+            buffer = cur.get_buffer_size().map_err(err("buffer size"))?;
+        }
+        {
+            let sw = pcm.sw_params_current().map_err(err("sw params"))?;
+            // Start once the buffer is full (the prefill), wake up when a block fits.
+            sw.set_start_threshold(buffer - buffer % block_frames as alsa::pcm::Frames).map_err(err("start threshold"))?;
+            sw.set_avail_min(block_frames as alsa::pcm::Frames).map_err(err("avail min"))?;
+            pcm.sw_params(&sw).map_err(err("applying sw params"))?;
+        }
+        let got_rate = pcm.hw_params_current().and_then(|h| h.get_rate()).map_err(err("rate"))?;
+        Ok(AlsaOut {
+            pcm,
+            format,
+            channels: CHANNELS as usize,
+            s16: vec![0; (block_frames * CHANNELS) as usize],
+            info: DeviceInfo {
+                name: name.to_owned(),
+                rate: got_rate,
+                format: if format == SampleFormat::F32 { "FLOAT_LE" } else { "S16_LE" },
+                period_frames: period as u32,
+                buffer_frames: buffer as u32,
+            },
+        })
+    }
+
+    /// Blocks until `frames` frames fit in the device buffer (the device's clock paces the
+    /// output thread here).
+    pub fn wait_room(&mut self, frames: usize) -> Result<(), DeviceError> {
+        loop {
+            match self.pcm.avail_update() {
+                Ok(n) if n as usize >= frames => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(self.classify(e)),
+            }
+            if self.pcm.state() != State::Running {
+                // Prefilling (not started yet): there is room by definition of the threshold.
+                return Ok(());
+            }
+            if let Err(e) = self.pcm.wait(Some(1000)) {
+                return Err(self.classify(e));
+            }
+        }
+    }
+
+    /// Writes one interleaved stereo block (converted to S16 if the device wants that).
+    pub fn write(&mut self, block: &[f32]) -> Result<(), DeviceError> {
+        let frames = block.len() / self.channels;
+        if self.format == SampleFormat::S16 {
+            for (d, s) in self.s16[..block.len()].iter_mut().zip(block) {
+                *d = f32_to_s16(*s);
+            }
+        }
+        let mut done = 0;
+        while done < frames {
+            let r = match self.format {
+                SampleFormat::F32 => {
+                    let rest = &block[done * self.channels..];
+                    // SAFETY: f32 has no invalid bit patterns and u8 no alignment needs; the
+                    // byte view covers exactly `rest` and lives no longer than it.
+                    let bytes = unsafe { std::slice::from_raw_parts(rest.as_ptr().cast::<u8>(), std::mem::size_of_val(rest)) };
+                    self.pcm.io_bytes().writei(bytes)
+                }
+                SampleFormat::S16 => {
+                    let rest = &self.s16[done * self.channels..block.len()];
+                    // SAFETY: as above, for i16.
+                    let bytes = unsafe { std::slice::from_raw_parts(rest.as_ptr().cast::<u8>(), std::mem::size_of_val(rest)) };
+                    self.pcm.io_bytes().writei(bytes)
+                }
+            };
+            match r {
+                Ok(n) => done += n,
+                Err(e) => return Err(self.classify(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Frames queued in the device (its output latency), if it can tell.
+    pub fn delay_frames(&self) -> Option<i64> {
+        self.pcm.delay().ok()
+    }
+
+    /// Recovers from an xrun in place; anything else means the device is gone.
+    fn classify(&mut self, e: alsa::Error) -> DeviceError {
+        let errno = e.errno();
+        if errno == libc::EPIPE && self.pcm.prepare().is_ok() {
+            DeviceError::Xrun
+        } else {
+            DeviceError::Gone(errno)
+        }
+    }
+}
+
+/// The S16 sample nearest to `x` (clamped to [-1, 1]; samples are sanitised before this).
+pub fn f32_to_s16(x: f32) -> i16 {
+    (x.clamp(-1.0, 1.0) * 32767.0).round() as i16
+}
+
+/// ALSA PCMs that can play, as `(--output value, description)`.
+pub fn list_outputs() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Ok(hints) = alsa::device_name::HintIter::new_str(None, "pcm") {
+        for h in hints {
+            if h.direction == Some(Direction::Capture) {
+                continue;
+            }
+            if let Some(name) = h.name {
+                let desc = h.desc.unwrap_or_default().replace('\n', " ");
+                out.push((format!("alsa:{name}"), desc));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s16_conversion_rounds_and_clamps() {
+        assert_eq!(f32_to_s16(0.0), 0);
+        assert_eq!(f32_to_s16(1.0), 32767);
+        assert_eq!(f32_to_s16(-1.0), -32767);
+        assert_eq!(f32_to_s16(2.0), 32767);
+        assert_eq!(f32_to_s16(0.5), 16384);
+    }
+
+    #[test]
+    fn the_null_device_opens_with_block_sized_periods() {
+        // alsa-lib's own configuration always defines `null`.
+        let out = AlsaOut::open("null", 48_000, 64, 4).expect("open the null PCM");
+        assert_eq!(out.info.rate, 48_000);
+        assert!(out.info.period_frames > 0 && out.info.buffer_frames >= out.info.period_frames);
+    }
+}
