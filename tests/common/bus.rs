@@ -88,16 +88,24 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts it and waits until it owns the name and reports `running`.
+    /// Starts it (on the virtual output unless `args` name one) and waits until it owns the
+    /// name and reports `running`.
     pub fn start(bus: &PrivateBus, tag: &str, args: &[&str]) -> Daemon {
+        Daemon::start_with_env(bus, tag, args, &[])
+    }
+
+    /// [`Daemon::start`] with more environment (e.g. a JACK server's).
+    pub fn start_with_env(bus: &PrivateBus, tag: &str, args: &[&str], env: &[(String, String)]) -> Daemon {
         let shm = ShmDir::new(tag);
+        let output: &[&str] = if args.contains(&"--output") { &[] } else { &["--output", "virtual"] };
         let log = bus.dir.path().join(format!("audiowardend-{tag}.log"));
         let child = bus
             .command(env!("CARGO_BIN_EXE_audiowardend"))
             .arg("--shm-dir")
             .arg(&shm.0)
-            .args(["--output", "virtual"])
+            .args(output)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("AUDIOWARDEN_LOG", "stderr")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

@@ -1,0 +1,113 @@
+//! The ALSA output on a real, paced ALSA device without hardware: jackd's dummy backend
+//! behind ALSA's JACK plugin, with alsa-lib's `file` plugin in front recording exactly what
+//! the daemon wrote (tests/support/with-jackd.sh).
+
+mod common;
+
+use std::time::Duration;
+
+use audiowarden::engine::{render_reference, CHANNELS};
+use common::bus::{get_bool, get_u64, proxy, Daemon, PrivateBus};
+use common::jack::JackServer;
+use common::{wait_until, Rng};
+
+fn expect_rt() -> bool {
+    std::env::var_os("AW_EXPECT_NO_RT").is_none()
+}
+
+fn device_metric(m: &std::collections::HashMap<String, zbus::zvariant::OwnedValue>) -> String {
+    match &**m.get("device").expect("device") {
+        zbus::zvariant::Value::Str(s) => s.to_string(),
+        v => panic!("device is {v:?}"),
+    }
+}
+
+/// The capture equals the crash-free reference render, sample for sample, from frame 0.
+fn assert_capture_is_reference(jack: &JackServer, freq: f64, gain: f64) -> usize {
+    let paths = jack.capture_paths();
+    assert_eq!(paths.len(), 1, "the daemon opened the device once: {paths:?}");
+    let got = JackServer::read_f32(&paths[0]);
+    let frames = got.len() / CHANNELS;
+    assert!(frames > 48_000 * 2, "only {frames} frames captured");
+    let want = render_reference(48_000, freq, gain, &[], frames, 64);
+    if let Some(i) = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits()) {
+        panic!("capture differs from the reference at sample {i} (frame {}): {} != {}", i / CHANNELS, got[i], want[i]);
+    }
+    frames
+}
+
+#[test]
+fn three_kills_on_a_paced_alsa_device_are_inaudible() {
+    let jack = JackServer::start();
+    let bus = PrivateBus::start();
+    let mut d = Daemon::start_with_env(&bus, "alsa-kills", &["--output", "alsa:awcapture", "--frequency", "1000", "--gain", "0.5"], &jack.env());
+    let conn = bus.connection();
+    let p = proxy(&conn);
+    let m = p.get_metrics().unwrap();
+    assert_eq!(device_metric(&m), "alsa:awcapture");
+    assert_eq!(get_u64(&m, "period_frames"), 64);
+    let mut rng = Rng::new();
+    let t0 = std::time::Instant::now();
+    for k in 1..=3 {
+        std::thread::sleep(rng.range_ms(1500, 2500));
+        let victim = get_u64(&p.get_metrics().unwrap(), "primary_pid") as u32;
+        common::signal(victim, libc::SIGKILL);
+        wait_until(&format!("rebuild {k}"), Duration::from_secs(5), || {
+            let m = p.get_metrics().unwrap();
+            get_u64(&m, "replacements") == k && get_bool(&m, "spare_ready")
+        });
+    }
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(t0.elapsed()));
+    let m = p.get_metrics().unwrap();
+    assert_eq!(get_u64(&m, "crash_count"), 3);
+    assert_eq!(get_u64(&m, "underruns"), 0, "the engine always delivered");
+    if expect_rt() && get_bool(&m, "realtime") {
+        assert_eq!(get_u64(&m, "device_xruns"), 0, "with real-time scheduling the device never ran dry");
+    }
+    assert!(d.stop().success());
+    let frames = assert_capture_is_reference(&jack, 1000.0, 0.5);
+    eprintln!("{frames} frames bit-exact through 3 kills; device_xruns {}", get_u64(&m, "device_xruns"));
+}
+
+#[test]
+fn a_writer_stalled_past_the_buffer_is_an_xrun_and_recovers() {
+    let jack = JackServer::start();
+    let bus = PrivateBus::start();
+    // 4 x 64 frames of buffer = 5.3 ms; the output thread sleeps 200 ms once.
+    let mut d = Daemon::start_with_env(
+        &bus,
+        "alsa-xrun",
+        &["--output", "alsa:awcapture", "--frequency", "1000", "--gain", "0.5", "--test-fault-output-pause", "1000:200"],
+        &jack.env(),
+    );
+    let conn = bus.connection();
+    let p = proxy(&conn);
+    wait_until("an xrun", Duration::from_secs(5), || get_u64(&p.get_metrics().unwrap(), "device_xruns") >= 1);
+    let played = get_u64(&p.get_metrics().unwrap(), "frames_played");
+    std::thread::sleep(Duration::from_secs(2));
+    let m = p.get_metrics().unwrap();
+    assert!(get_u64(&m, "frames_played") >= played + 48_000, "audio resumed after the xrun");
+    assert_eq!(get_u64(&m, "underruns"), 0);
+    assert_eq!(get_u64(&m, "crash_count"), 0);
+    assert_eq!(p.state().unwrap(), "running");
+    eprintln!("device_xruns {} after a 200 ms stall", get_u64(&m, "device_xruns"));
+    assert!(d.stop().success());
+    // Nothing else broke: what was written is still the reference stream, in order.
+    assert_capture_is_reference(&jack, 1000.0, 0.5);
+}
+
+#[test]
+fn list_outputs_shows_every_alsa_playback_pcm() {
+    let jack = JackServer::start();
+    let env = jack.env();
+    let ours = std::process::Command::new(env!("CARGO_BIN_EXE_audiowardend")).arg("--list-outputs").envs(env.iter().map(|(k, v)| (k, v))).output().unwrap();
+    assert!(ours.status.success());
+    let ours = String::from_utf8_lossy(&ours.stdout).into_owned();
+    let aplay = std::process::Command::new("aplay").arg("-L").envs(env.iter().map(|(k, v)| (k, v))).output().expect("aplay -L");
+    let names: Vec<String> = String::from_utf8_lossy(&aplay.stdout).lines().filter(|l| !l.starts_with(char::is_whitespace) && !l.is_empty()).map(str::to_owned).collect();
+    assert!(names.iter().any(|n| n == "null"), "aplay -L: {names:?}");
+    for n in &names {
+        assert!(ours.lines().any(|l| l.split_whitespace().next() == Some(&format!("alsa:{n}"))), "alsa:{n} missing from --list-outputs:\n{ours}");
+    }
+    assert!(ours.starts_with("virtual"));
+}
