@@ -27,10 +27,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# pkg-config, libasound2-dev: build (alsa-sys); dbus: dbus-daemon and dbus-send for the private system bus; systemd:
-# busctl, systemd-journald, journalctl, systemctl, systemd --user and systemd-analyze;
-# util-linux: setpriv, unshare, nsenter; procps: pgrep inside the systemd namespace.
-need_pkgs=(pkg-config libasound2-dev dbus systemd util-linux procps)
+# pkg-config, libasound2-dev: build (alsa-sys). dbus: dbus-daemon, dbus-send (the private
+# system bus). systemd: busctl, journald, journalctl, systemctl, systemd --user,
+# systemd-analyze. util-linux: setpriv, unshare, nsenter. procps: pgrep. jackd2,
+# libasound2-plugins, alsa-utils: the paced ALSA device (jackd dummy + ALSA's JACK plugin).
+need_pkgs=(pkg-config libasound2-dev dbus systemd util-linux procps jackd2 libasound2-plugins alsa-utils)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -91,6 +91,9 @@ pub fn metrics_dict(m: &MetricsSnapshot, block_frames: u32) -> HashMap<String, O
     put("output_latency_ms", m.output_latency_ms.into());
     put("device_xruns", m.device_xruns.into());
     put("device_losses", m.device_losses.into());
+    put("output_wake_late_us_p50", u(m.output_wake_late_us.p50));
+    put("output_wake_late_us_p99", u(m.output_wake_late_us.p99));
+    put("output_wake_late_us_max", u(m.output_wake_late_us.max));
     put("control_received", m.control_received.into());
     put("control_applied", m.control_applied.into());
     put("control_coalesced", m.control_coalesced.into());

@@ -1,6 +1,7 @@
 //! Metrics: counters and gauges in atomics (the output thread only ever touches these), and
 //! duration distributions over rolling windows, fed by the monitor and control threads.
 
+pub mod histogram;
 pub mod window;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -34,6 +35,9 @@ pub struct Metrics {
     pub device_losses: AtomicU64,
     /// Output thread: frames queued in the device after the last write.
     pub output_latency_frames: AtomicU64,
+    /// Output thread: how late it woke up for each block, µs (virtual clock: after the period's
+    /// deadline; device: for how long the device had room for the block before the wake-up).
+    pub output_wake_late_us: histogram::AtomicHistogram,
     /// Output thread: sequence number of the last control message in the played stream.
     pub played_seq: AtomicU64,
     pub control_received: AtomicU64,
@@ -80,6 +84,7 @@ impl Default for Metrics {
             device_xruns: AtomicU64::new(0),
             device_losses: AtomicU64::new(0),
             output_latency_frames: AtomicU64::new(0),
+            output_wake_late_us: Default::default(),
             played_seq: AtomicU64::new(0),
             control_received: AtomicU64::new(0),
             control_coalesced: AtomicU64::new(0),
@@ -127,6 +132,7 @@ pub struct MetricsSnapshot {
     pub period_frames: u32,
     pub buffer_frames: u32,
     pub output_latency_ms: f64,
+    pub output_wake_late_us: histogram::HistogramSummary,
     pub control_received: u64,
     /// Accepted messages heard in the played stream (not counting coalesced ones).
     pub control_applied: u64,
@@ -189,6 +195,7 @@ impl Metrics {
             period_frames: 0,
             buffer_frames: 0,
             output_latency_ms: r(&self.output_latency_frames) as f64 * 1000.0 / sample_rate as f64,
+            output_wake_late_us: self.output_wake_late_us.summary(),
             control_received: r(&self.control_received),
             control_coalesced: r(&self.control_coalesced),
             // Every sequence number up to this one is in the stream; the supervisor

@@ -58,6 +58,9 @@ pub struct AlsaOut {
 
 const CHANNELS: u32 = 2;
 
+/// A running device that makes no room for a block within this time is declared gone.
+const STALL_MS: u32 = 500;
+
 impl AlsaOut {
     /// Opens `name` for playback at `rate` Hz, stereo, float (S16 if the device refuses
     /// float), with periods of `block_frames` and a buffer of `periods` periods, and sets the
@@ -117,20 +120,26 @@ impl AlsaOut {
     }
 
     /// Blocks until `frames` frames fit in the device buffer (the device's clock paces the
-    /// output thread here).
-    pub fn wait_room(&mut self, frames: usize) -> Result<(), DeviceError> {
+    /// output thread here). Returns the room beyond `frames` found on waking up: how late the
+    /// wake-up was, in frames (0 while prefilling).
+    pub fn wait_room(&mut self, frames: usize) -> Result<usize, DeviceError> {
         loop {
             match self.pcm.avail_update() {
-                Ok(n) if n as usize >= frames => return Ok(()),
+                Ok(n) if n as usize >= frames && self.pcm.state() == State::Running => return Ok(n as usize - frames),
+                Ok(n) if n as usize >= frames => return Ok(0),
                 Ok(_) => {}
                 Err(e) => return Err(self.classify(e)),
             }
             if self.pcm.state() != State::Running {
                 // Prefilling (not started yet): there is room by definition of the threshold.
-                return Ok(());
+                return Ok(0);
             }
-            if let Err(e) = self.pcm.wait(Some(1000)) {
-                return Err(self.classify(e));
+            match self.pcm.wait(Some(STALL_MS)) {
+                Ok(true) => {}
+                // A running device that makes no room for this long has stopped (a JACK
+                // server that went away leaves its clients waiting forever, without an error).
+                Ok(false) => return Err(DeviceError::Gone(libc::ETIMEDOUT)),
+                Err(e) => return Err(self.classify(e)),
             }
         }
     }

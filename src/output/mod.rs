@@ -79,7 +79,10 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sy
         // 1. Wait for the time (or the room) to play the next block.
         let now = match &mut sink {
             Sink::Alsa(dev) if reopen.is_none() => match dev.wait_room(bf as usize) {
-                Ok(()) => sys::now_ns(),
+                Ok(late_frames) => {
+                    sh.metrics.output_wake_late_us.record(late_frames as u64 * 1_000_000 / sr);
+                    sys::now_ns()
+                }
                 Err(alsa::DeviceError::Xrun) => {
                     sh.metrics.device_xruns.fetch_add(1, Ordering::Relaxed);
                     sys::now_ns()
@@ -93,6 +96,7 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sy
                 period += 1;
                 let deadline = start + (period as u128 * bf as u128 * 1_000_000_000 / sr as u128) as u64;
                 sys::sleep_until_ns(deadline);
+                sh.metrics.output_wake_late_us.record(sys::now_ns().saturating_sub(deadline) / 1000);
                 deadline
             }
         };

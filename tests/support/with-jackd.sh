@@ -14,6 +14,8 @@
 #                      $PPID); "none" to keep the server until `stop` (interactive use)
 #   AW_JACK_PERIOD     JACK period in frames (default 64, see below)
 #   AW_JACK_RATE       sample rate (default 48000)
+#   AW_JACK_SLOT_WAIT  seconds to wait for a free server slot when 8 JACK servers already run
+#                      on the machine (jackd2's limit; default 120)
 #
 # Files in DIR:
 #   env             what a client process needs, KEY=VALUE per line (see below)
@@ -32,11 +34,16 @@
 #   awjack      plug:awjack_raw; converts format (and rate and channels) for the client
 #   awcapture   file plugin in front of awjack: records and plays paced
 #
-# The JACK period: the plugin only allows ALSA periods that are whole multiples of the JACK
-# period, so a writer asking for 64-frame periods gets them only if jackd runs with -p 64
-# (with -p 256 it is silently given 256, or fails if it insists on 64). -p 64 paces as well
-# as -p 256 when jackd has SCHED_FIFO; without an RT budget every period size gets spurious
-# xruns.
+# The JACK period: the plugin only allows ALSA periods of 1..64 whole JACK periods and a
+# buffer of at least 2 periods, so a writer gets 64-frame periods (and a buffer as small as
+# 128 frames) only if jackd runs with -p 64; with -p 128 or -p 256, set_period_size_near(64)
+# silently gives 128 or 256, and an exact set_period_size(64) fails with EINVAL. Pacing is the
+# same at 64, 128 and 256 (5 s of audio in 5.1-5.2 s). The price of -p 64: 750 wakeups a
+# second, and under CPU load jackd logs a few JACK-level xruns of its own in jackd.log
+# ("JackTimedDriver::Process XRun", "JackEngine::XRun: client ... was not finished"), which
+# -p 256 does not; ALSA clients are not told of those (no EPIPE, pacing holds), and the
+# capture (recorded before JACK) cannot show them. Without an RT budget jackd logs such lines
+# all the time at -p 64.
 #
 # Several servers may run at once: each has a name derived from DIR (JACK_DEFAULT_SERVER),
 # and its sockets and semaphores in /dev/shm carry that name. The JACK shm registry
@@ -115,13 +122,45 @@ terminate() {
     return 1
 }
 
+# One attempt to launch jackd, with the /dev/shm lock on fd 9 (taken here). Returns 0 once a
+# client can connect, 3 if jackd found no free server slot, 1 on any other failure; the caller
+# stops what is left.
+launch() {
+    local dir=$1 name=$2 period=$3 rate=$4 owner=$5 owner_start=$6 i jpid
+    # Starts are serialized with every other start and cleanup (see the header), so that "no
+    # jackd is running" means the same thing to all of them.
+    flock -w 30 9 || { echo "with-jackd.sh: start: could not lock /dev/shm" >&2; return 1; }
+    # Left over from servers killed without cleanup (e.g. their watchdog was killed too).
+    cleanup_shm_locked "$name"
+    # The watchdog starts jackd as its child, so it reaps it and sees it die at once. Neither
+    # may inherit fd 9, or they would hold the lock for their whole life.
+    setsid bash "$SELF" __run "$dir" "$name" "$period" "$rate" "$owner" "$owner_start" \
+        </dev/null >/dev/null 2>>"$dir/jackd.log" 9<&- &
+    echo $! > "$dir/watch.pid"
+    for i in $(seq 100); do [ -s "$dir/jackd.pid" ] && break; sleep 0.05; done
+    jpid=$(cat "$dir/jackd.pid" 2>/dev/null) || { echo "with-jackd.sh: start: jackd was not launched" >&2; return 1; }
+    # Up = a client can connect. `jack_wait -s NAME -c` (prints "running" or "not running",
+    # exits 0 either way) polled every 50 ms: `jack_wait -w -t 5` would do too, but it polls
+    # only once a second. -s names the server; JACK_NO_START_SERVER: never start one.
+    for i in $(seq 100); do
+        alive "$jpid" || break
+        [ "$(JACK_NO_START_SERVER=1 jack_wait -s "$name" -c 2>/dev/null)" = running ] && return 0
+        sleep 0.05
+    done
+    # Let a dying jackd finish its log.
+    for i in $(seq 20); do alive "$jpid" || break; sleep 0.05; done
+    grep -q "Too many servers already active" "$dir/jackd.log" && return 3
+    echo "with-jackd.sh: start: jackd did not come up within 5 s" >&2
+    return 1
+}
+
 # ---------------------------------------------------------------------------------------------
 # start DIR
 # ---------------------------------------------------------------------------------------------
 cmd_start() {
     [ $# -eq 1 ] || die "usage: with-jackd.sh start DIR"
     [ -d "$1" ] || die "start: $1 is not a directory"
-    local dir name period rate owner owner_start i
+    local dir name period rate owner owner_start
     dir=$(cd "$1" && pwd -P)
     [ ! -e "$dir/jackd.pid" ] || die "start: $dir/jackd.pid exists (already started?)"
     name=$(server_name "$dir")
@@ -162,35 +201,26 @@ JACK_DEFAULT_SERVER=$name
 JACK_NO_START_SERVER=1
 EOF
 
-    (
-        # Starts are serialized with every other start and cleanup (see the header), so that
-        # "no jackd is running" means the same thing to all of them.
-        flock -w 30 9 || die "start: could not lock /dev/shm"
-        # Left over from servers killed without cleanup (e.g. their watchdog was killed too).
-        cleanup_shm_locked "$name"
-        # The watchdog starts jackd as its child, so it reaps it and sees it die at once.
-        # Neither may inherit fd 9, or they would hold the lock for their whole life.
-        setsid bash "$SELF" __run "$dir" "$name" "$period" "$rate" "$owner" "$owner_start" \
-            </dev/null >/dev/null 2>>"$dir/jackd.log" 9<&- &
-        echo $! > "$dir/watch.pid"
-        for i in $(seq 100); do [ -s "$dir/jackd.pid" ] && break; sleep 0.05; done
-        [ -s "$dir/jackd.pid" ] || { echo "start: jackd was not launched" >&2; exit 1; }
-        # Up = a client can connect. `jack_wait -s NAME -c` (print "running" or "not running",
-        # exit 0 either way) polled every 50 ms: `jack_wait -w -t 5` would do too, but it polls
-        # only once a second. -s names the server; JACK_NO_START_SERVER: never start one.
-        for i in $(seq 100); do
-            alive "$(cat "$dir/jackd.pid")" || break
-            [ "$(JACK_NO_START_SERVER=1 jack_wait -s "$name" -c 2>/dev/null)" = running ] && exit 0
-            sleep 0.05
-        done
-        echo "start: jackd did not come up within 5 s" >&2
-        exit 1
-    ) 9</dev/shm || {
+    # jackd2 allows at most 8 servers per machine (slots in the shared registry): a start that
+    # finds them all taken ("Too many servers already active") waits for one, up to
+    # AW_JACK_SLOT_WAIT seconds (default 120).
+    local deadline=$((SECONDS + ${AW_JACK_SLOT_WAIT:-120})) rc waited=
+    while :; do
+        : > "$dir/jackd.log"
+        rc=0
+        launch "$dir" "$name" "$period" "$rate" "$owner" "$owner_start" 9</dev/shm || rc=$?
+        [ "$rc" -ne 0 ] || break
         cmd_stop "$dir" || true
+        if [ "$rc" -eq 3 ] && [ "$SECONDS" -lt "$deadline" ]; then
+            [ -n "$waited" ] || echo "with-jackd.sh: all 8 JACK server slots taken: waiting" >&2
+            waited=1
+            sleep 0.5
+            continue
+        fi
         echo "--- $dir/jackd.log ---" >&2
         cat "$dir/jackd.log" >&2 2>/dev/null || true
         die "start failed"
-    }
+    done
     if grep -q "Cannot use real-time scheduling" "$dir/jackd.log"; then
         echo "with-jackd.sh: warning: jackd runs without SCHED_FIFO: expect spurious xruns" >&2
     fi
@@ -201,16 +231,18 @@ EOF
 # owner dies, when DIR disappears, or on TERM (from stop).
 # ---------------------------------------------------------------------------------------------
 run_part() {
-    local dir=$1 name=$2 period=$3 rate=$4 owner=$5 owner_start=$6 jpid=
+    local dir=$1 name=$2 period=$3 rate=$4 owner=$5 owner_start=$6 jpid= spid=
     shutdown() {
         trap '' TERM INT                 # finish the cleanup even if stop TERMs us meanwhile
+        [ -z "$spid" ] || kill "$spid" 2>/dev/null || true     # no stray `sleep` left behind
         [ -z "$jpid" ] || terminate "$jpid" "-n $name" || true
         cleanup_shm "$name" || true
         exit 0
     }
     trap shutdown TERM INT
     # JACK_NO_AUDIO_RESERVATION: no D-Bus device reservation (there is no session bus).
-    # -R -P 70: SCHED_FIFO 70 for the driver thread; clients' process threads get 69.
+    # -R -P 70: SCHED_FIFO 70 for the driver thread; clients' JACK threads (in the ALSA
+    # plugin) get SCHED_FIFO 65.
     JACK_NO_AUDIO_RESERVATION=1 JACK_NO_START_SERVER=1 \
         jackd -n "$name" -R -P 70 -d dummy -r "$rate" -p "$period" >>"$dir/jackd.log" 2>&1 &
     jpid=$!
@@ -220,7 +252,9 @@ run_part() {
             echo "with-jackd.sh: owner $owner is gone: stopping jackd" >&2
             break
         fi
-        sleep 0.25 & wait $! || true     # `wait` lets the TERM trap run at once
+        sleep 0.25 & spid=$!
+        wait "$spid" || true             # `wait` (unlike a foreground sleep) lets TERM in at once
+        spid=
     done
     shutdown
 }
