@@ -17,12 +17,14 @@ pub enum OutputSpec {
     Wav(PathBuf),
     /// An ALSA PCM (`default`, `hw:0,0`, `plughw:CARD=PCH,DEV=0`, `plug:jack`, ...).
     Alsa(String),
+    /// A cpal output device, by the name cpal gives it (`default`: the host's default).
+    Cpal(String),
 }
 
 impl FromStr for OutputSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("unknown output {s:?}: expected `auto`, `virtual`, `wav:PATH` or `alsa:PCM` (see --list-outputs)");
+        let bad = || format!("unknown output {s:?}: expected `auto`, `virtual`, `wav:PATH`, `alsa:PCM` or `cpal:DEVICE` (see --list-outputs)");
         match s {
             "auto" => Ok(OutputSpec::Auto),
             "virtual" => Ok(OutputSpec::Virtual),
@@ -31,6 +33,8 @@ impl FromStr for OutputSpec {
                     (!p.is_empty()).then(|| OutputSpec::Wav(PathBuf::from(p))).ok_or_else(bad)
                 } else if let Some(pcm) = s.strip_prefix("alsa:") {
                     (!pcm.is_empty()).then(|| OutputSpec::Alsa(pcm.to_owned())).ok_or_else(bad)
+                } else if let Some(dev) = s.strip_prefix("cpal:") {
+                    (!dev.is_empty()).then(|| OutputSpec::Cpal(dev.to_owned())).ok_or_else(bad)
                 } else {
                     Err(bad())
                 }
@@ -60,7 +64,8 @@ pub enum StandbyMode {
 #[command(name = "audiowardend", version, about, long_about = None)]
 pub struct Config {
     /// Audio output: `auto` (`alsa:default` if it opens, else `virtual`), `alsa:PCM` (an ALSA
-    /// device, e.g. alsa:default, alsa:hw:0,0, alsa:plug:jack), `virtual` (paced like a sound
+    /// device, e.g. alsa:default, alsa:hw:0,0, alsa:plug:jack), `cpal:DEVICE` (through cpal;
+    /// cpal:default or a name from --list-outputs), `virtual` (paced like a sound
     /// card, no device) or `wav:PATH` (virtual, recording every played frame to PATH).
     #[arg(long, default_value = "auto", value_parser = OutputSpec::from_str)]
     pub output: OutputSpec,

@@ -94,7 +94,9 @@ fn main() -> ExitCode {
 fn list_outputs() {
     println!("{:<44} {}", "virtual", "paced like a sound card, no device (always available)");
     println!("{:<44} {}", "wav:PATH", "virtual, recording every played frame to PATH");
-    for (value, desc) in audiowarden::output::alsa::list_outputs() {
+    let alsa = audiowarden::output::alsa::list_outputs();
+    let cpal = audiowarden::output::cpal::list_outputs();
+    for (value, desc) in alsa.into_iter().chain(cpal) {
         println!("{value:<44} {desc}");
     }
 }

@@ -38,13 +38,24 @@ fn assert_capture_is_reference(jack: &JackServer, freq: f64, gain: f64) -> usize
 
 #[test]
 fn three_kills_on_a_paced_alsa_device_are_inaudible() {
+    three_kills_are_inaudible("alsa:awcapture");
+}
+
+/// The same through cpal (its ALSA host, on the same paced device).
+#[test]
+fn three_kills_through_cpal_are_inaudible() {
+    three_kills_are_inaudible("cpal:awcapture");
+}
+
+/// 10 s of 1 kHz at gain 0.5 with three SIGKILLs of the primary at random moments.
+fn three_kills_are_inaudible(output: &str) {
     let jack = JackServer::start();
     let bus = PrivateBus::start();
-    let mut d = Daemon::start_with_env(&bus, "alsa-kills", &["--output", "alsa:awcapture", "--frequency", "1000", "--gain", "0.5"], &jack.env());
+    let mut d = Daemon::start_with_env(&bus, "alsa-kills", &["--output", output, "--frequency", "1000", "--gain", "0.5"], &jack.env());
     let conn = bus.connection();
     let p = proxy(&conn);
     let m = p.get_metrics().unwrap();
-    assert_eq!(device_metric(&m), "alsa:awcapture");
+    assert_eq!(device_metric(&m), output);
     assert_eq!(get_u64(&m, "period_frames"), 64);
     let mut rng = Rng::new();
     let t0 = std::time::Instant::now();
@@ -66,7 +77,7 @@ fn three_kills_on_a_paced_alsa_device_are_inaudible() {
     }
     assert!(d.stop().success());
     let frames = assert_capture_is_reference(&jack, 1000.0, 0.5);
-    eprintln!("{frames} frames bit-exact through 3 kills; device_xruns {}", get_u64(&m, "device_xruns"));
+    eprintln!("{output}: {frames} frames bit-exact through 3 kills; device_xruns {}", get_u64(&m, "device_xruns"));
 }
 
 #[test]
@@ -97,7 +108,7 @@ fn a_writer_stalled_past_the_buffer_is_an_xrun_and_recovers() {
 }
 
 #[test]
-fn list_outputs_shows_every_alsa_playback_pcm() {
+fn list_outputs_shows_every_alsa_playback_pcm_and_cpal_devices() {
     let jack = JackServer::start();
     let env = jack.env();
     let ours = std::process::Command::new(env!("CARGO_BIN_EXE_audiowardend")).arg("--list-outputs").envs(env.iter().map(|(k, v)| (k, v))).output().unwrap();
@@ -110,4 +121,6 @@ fn list_outputs_shows_every_alsa_playback_pcm() {
         assert!(ours.lines().any(|l| l.split_whitespace().next() == Some(&format!("alsa:{n}"))), "alsa:{n} missing from --list-outputs:\n{ours}");
     }
     assert!(ours.starts_with("virtual"));
+    // cpal enumerates the same PCMs through its ALSA host.
+    assert!(ours.lines().any(|l| l.starts_with("cpal:awcapture ")), "cpal:awcapture missing:\n{ours}");
 }

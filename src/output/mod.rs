@@ -14,6 +14,7 @@
 //! underrun: the period plays silence and `pos` stays, so the stream resumes where it left off.
 
 pub mod alsa;
+pub mod cpal;
 pub mod wav;
 
 use std::sync::atomic::Ordering;
@@ -30,6 +31,8 @@ pub enum Sink {
     Wav(wav::WavTap),
     /// The device paces (its buffer has room for a block) and plays.
     Alsa(alsa::AlsaOut),
+    /// cpal owns the device and calls back for samples.
+    Cpal(cpal::CpalOut),
 }
 
 /// The output thread's only memory besides its stack: allocated before the thread starts.
@@ -53,15 +56,24 @@ const REOPEN_MAX_NS: u64 = 2_000_000_000;
 /// device, the device's clock paces. If the device goes away, the virtual clock takes over
 /// (the engine keeps rendering, the stream position keeps advancing, the state is degraded)
 /// and the device is reopened with backoff.
-/// The outcome of the SCHED_FIFO request goes back through `rt` (this thread never logs).
-pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sync::mpsc::Sender<std::io::Result<()>>) {
+/// What start-up should know (a refused SCHED_FIFO, a stream that cannot be built) goes back
+/// through `report` as a message to log (this thread never logs).
+pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std::sync::mpsc::Sender<Result<(), String>>) {
+    if let Sink::Cpal(c) = sink {
+        // cpal's callback thread plays; it asks for SCHED_FIFO itself.
+        let _ = report.send(Ok(()));
+        if let Err(e) = c.run(sh, buffers) {
+            let _ = report.send(Err(e));
+        }
+        return;
+    }
     let fifo = sys::set_fifo(sh.config.output_priority);
     sh.metrics.output_realtime.store(fifo.is_ok(), Ordering::Relaxed);
-    let _ = rt.send(fifo);
-    drop(rt);
+    let _ = report.send(fifo.map_err(|e| format!("output thread: SCHED_FIFO refused ({e}); playing without real-time priority")));
+    drop(report);
     let bf = sh.config.block_frames as u64;
     let sr = sh.config.sample_rate as u64;
-    let Buffers { mut block, silence } = buffers;
+    let mut player = Player::new(sh.clone(), buffers);
     let device_name = match &sink {
         Sink::Alsa(d) => Some(d.info.name.clone()),
         _ => None,
@@ -124,17 +136,12 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sy
         }
 
         // 2. Play block `pos` from any ring that holds it, or silence.
-        let pos = sh.position.load(Ordering::Relaxed);
-        let mut played = None;
-        sh.table.for_each(|w| {
-            played = w.ring.read_block(pos, &mut block);
-            played.is_none()
-        });
-        let out: &[f32] = if played.is_some() { &block } else { &silence };
+        let out = player.next(now);
         match &mut sink {
             Sink::Virtual => {}
             Sink::Wav(tap) => tap.push(out),
             Sink::Alsa(_) if reopen.is_some() => {}
+            Sink::Cpal(_) => unreachable!("cpal plays from its own callback"),
             Sink::Alsa(dev) => {
                 let mut r = dev.write(out);
                 if r == Err(alsa::DeviceError::Xrun) {
@@ -155,6 +162,35 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sy
                 }
             }
         }
+    }
+}
+
+/// The output stage's work for one block, shared by the paced loop above and cpal's callback.
+/// Audio-thread code: no allocation after [`Player::new`], no lock, no log.
+pub(crate) struct Player {
+    sh: Arc<Shared>,
+    block: Vec<f32>,
+    silence: Vec<f32>,
+}
+
+impl Player {
+    pub(crate) fn new(sh: Arc<Shared>, buffers: Buffers) -> Player {
+        Player { sh, block: buffers.block, silence: buffers.silence }
+    }
+
+    /// Takes block `pos` from the first ring that holds a valid one (or silence: an underrun,
+    /// and `pos` stays), advances the stream, frees the slot in every ring and wakes the
+    /// writers. `now`: when this block starts playing (CLOCK_MONOTONIC).
+    pub(crate) fn next(&mut self, now: u64) -> &[f32] {
+        let sh = &*self.sh;
+        let bf = sh.config.block_frames as u64;
+        let pos = sh.position.load(Ordering::Relaxed);
+        let mut played = None;
+        let block = &mut self.block;
+        sh.table.for_each(|w| {
+            played = w.ring.read_block(pos, block);
+            played.is_none()
+        });
         match played {
             Some(state) => {
                 // Seqlock write (see Shared::clock_seq): position and its start time change
@@ -178,9 +214,14 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, rt: std::sy
                 sh.metrics.underruns.fetch_add(1, Ordering::Relaxed);
             }
         }
-        // Every reference into the table taken this period is dead now.
-        // SeqCst pairs with the monitor's SeqCst clear-then-read-epoch (see SlotTable).
+        // Every reference into the table taken for this block is dead now (the block was
+        // copied). SeqCst pairs with the monitor's SeqCst clear-then-read-epoch (SlotTable).
         sh.epoch.fetch_add(1, Ordering::SeqCst);
+        if played.is_some() {
+            &self.block
+        } else {
+            &self.silence
+        }
     }
 }
 

@@ -443,6 +443,11 @@ impl Supervisor {
                 let info = OutputInfo { name: format!("alsa:{pcm}"), period_frames: dev.info.period_frames, buffer_frames: dev.info.buffer_frames };
                 (Sink::Alsa(dev), None, info)
             }
+            OutputSpec::Cpal(name) => {
+                let dev = output::cpal::CpalOut::open(name).map_err(StartError::Output)?;
+                let info = OutputInfo { name: format!("cpal:{name}"), period_frames: cfg.block_frames, buffer_frames: 0 };
+                (Sink::Cpal(dev), None, info)
+            }
             OutputSpec::Auto => match open_alsa("default") {
                 Ok(dev) => {
                     let info = OutputInfo { name: "alsa:default".into(), period_frames: dev.info.period_frames, buffer_frames: dev.info.buffer_frames };
@@ -541,7 +546,7 @@ impl Supervisor {
                 .map_err(StartError::Thread)?,
         );
         if let Ok(Err(e)) = rt_rx.recv_timeout(Duration::from_secs(1)) {
-            tracing::warn!(THREAD = "output", "output thread: SCHED_FIFO refused ({e}); playing without real-time priority");
+            tracing::warn!(THREAD = "output", "{e}");
         }
         // Lock what exists now (code, the threads' stacks and buffers, the rings). Not
         // MCL_FUTURE: that would pin every allocator arena and thread stack in full; rings
