@@ -96,11 +96,24 @@ impl Daemon {
 
     /// [`Daemon::start`] with more environment (e.g. a JACK server's).
     pub fn start_with_env(bus: &PrivateBus, tag: &str, args: &[&str], env: &[(String, String)]) -> Daemon {
+        Daemon::start_in(bus, tag, args, env, None)
+    }
+
+    /// [`Daemon::start_with_env`], the daemon (and so its workers) in the cgroup directory
+    /// `cgroup` (e.g. a cpu cgroup without an RT budget) from its first instruction on.
+    pub fn start_in(bus: &PrivateBus, tag: &str, args: &[&str], env: &[(String, String)], cgroup: Option<&Path>) -> Daemon {
         let shm = ShmDir::new(tag);
         let output: &[&str] = if args.contains(&"--output") { &[] } else { &["--output", "virtual"] };
         let log = bus.dir.path().join(format!("audiowardend-{tag}.log"));
-        let child = bus
-            .command(env!("CARGO_BIN_EXE_audiowardend"))
+        let mut cmd = match cgroup {
+            None => bus.command(env!("CARGO_BIN_EXE_audiowardend")),
+            Some(cg) => {
+                let mut c = bus.command("sh");
+                c.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""]).arg(cg).arg(env!("CARGO_BIN_EXE_audiowardend"));
+                c
+            }
+        };
+        let child = cmd
             .arg("--shm-dir")
             .arg(&shm.0)
             .args(output)
