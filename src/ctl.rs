@@ -49,6 +49,9 @@ pub enum Command {
     },
     /// Show the status every second until Ctrl-C.
     Watch,
+    /// The outputs this machine offers, with the --output value for each (as
+    /// `audiowardend --list-outputs`; enumerated here, not asked of the service).
+    Outputs,
 }
 
 /// A gain argument: `0.5` (linear) or `-6dB` / `-6 dB` (decibels, converted to linear).
@@ -276,7 +279,24 @@ fn status_json(s: &Status) -> serde_json::Value {
     })
 }
 
+/// Every --output value this machine offers, with a description.
+pub fn outputs() -> Vec<(String, String)> {
+    let mut v = vec![
+        ("virtual".to_owned(), "paced like a sound card, no device (always available)".to_owned()),
+        ("wav:PATH".to_owned(), "virtual, recording every played frame to PATH".to_owned()),
+    ];
+    v.extend(crate::output::alsa::list_outputs());
+    v.extend(crate::output::cpal::list_outputs());
+    v
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Outputs = cli.command {
+        for (value, desc) in outputs() {
+            println!("{value:<44} {desc}");
+        }
+        return Ok(());
+    }
     let p = proxy()?;
     let f = Failure::from_zbus;
     let mut stdout = std::io::stdout();
@@ -303,6 +323,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
+        Command::Outputs => unreachable!("handled above"),
         Command::Watch => {
             let tty = stdout.is_terminal();
             loop {

@@ -92,11 +92,7 @@ fn main() -> ExitCode {
 
 /// `--list-outputs`: what can be given to --output on this machine.
 fn list_outputs() {
-    println!("{:<44} {}", "virtual", "paced like a sound card, no device (always available)");
-    println!("{:<44} {}", "wav:PATH", "virtual, recording every played frame to PATH");
-    let alsa = audiowarden::output::alsa::list_outputs();
-    let cpal = audiowarden::output::cpal::list_outputs();
-    for (value, desc) in alsa.into_iter().chain(cpal) {
+    for (value, desc) in audiowarden::ctl::outputs() {
         println!("{value:<44} {desc}");
     }
 }

@@ -121,6 +121,8 @@ fn list_outputs_shows_every_alsa_playback_pcm_and_cpal_devices() {
         assert!(ours.lines().any(|l| l.split_whitespace().next() == Some(&format!("alsa:{n}"))), "alsa:{n} missing from --list-outputs:\n{ours}");
     }
     assert!(ours.starts_with("virtual"));
+    let ctl = std::process::Command::new(env!("CARGO_BIN_EXE_audiowardenctl")).arg("outputs").envs(env.iter().map(|(k, v)| (k, v))).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&ctl.stdout), ours, "audiowardenctl outputs == audiowardend --list-outputs");
     // cpal enumerates the same PCMs through its ALSA host.
     assert!(ours.lines().any(|l| l.starts_with("cpal:awcapture ")), "cpal:awcapture missing:\n{ours}");
 }
