@@ -82,13 +82,23 @@ fn three_kills_are_inaudible(output: &str) {
 
 #[test]
 fn a_writer_stalled_past_the_buffer_is_an_xrun_and_recovers() {
+    stalled_writer_is_an_xrun("alsa:awcapture");
+}
+
+#[test]
+fn a_cpal_callback_stalled_past_the_buffer_is_an_xrun_and_recovers() {
+    stalled_writer_is_an_xrun("cpal:awcapture");
+}
+
+fn stalled_writer_is_an_xrun(output: &str) {
     let jack = JackServer::start();
     let bus = PrivateBus::start();
-    // 4 x 64 frames of buffer = 5.3 ms; the output thread sleeps 200 ms once.
+    // 4 x 64 frames of buffer = 5.3 ms; the output thread (or cpal's callback) sleeps 200 ms
+    // once.
     let mut d = Daemon::start_with_env(
         &bus,
         "alsa-xrun",
-        &["--output", "alsa:awcapture", "--frequency", "1000", "--gain", "0.5", "--test-fault-output-pause", "1000:200"],
+        &["--output", output, "--frequency", "1000", "--gain", "0.5", "--test-fault-output-pause", "1000:200"],
         &jack.env(),
     );
     let conn = bus.connection();
@@ -101,10 +111,14 @@ fn a_writer_stalled_past_the_buffer_is_an_xrun_and_recovers() {
     assert_eq!(get_u64(&m, "underruns"), 0);
     assert_eq!(get_u64(&m, "crash_count"), 0);
     assert_eq!(p.state().unwrap(), "running");
-    eprintln!("device_xruns {} after a 200 ms stall", get_u64(&m, "device_xruns"));
+    eprintln!("{output}: device_xruns {} after a 200 ms stall", get_u64(&m, "device_xruns"));
     assert!(d.stop().success());
-    // Nothing else broke: what was written is still the reference stream, in order.
-    assert_capture_is_reference(&jack, 1000.0, 0.5);
+    if output.starts_with("alsa:") {
+        // Our writer writes the block again after recovering, so what reached the device is
+        // still the reference stream, in order. (cpal drops the period that hit the xrun:
+        // there the stream has a gap, as an xrun means.)
+        assert_capture_is_reference(&jack, 1000.0, 0.5);
+    }
 }
 
 #[test]

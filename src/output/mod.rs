@@ -85,7 +85,6 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
     // Test-only faults (--test-fault-output-stall-ms, --test-fault-output-pause).
     let t0 = start;
     let stall_at = sh.config.test_fault_output_stall_ms.map_or(u64::MAX, |ms| t0.saturating_add(ms.saturating_mul(1_000_000)));
-    let mut pause = sh.config.test_fault_output_pause.map(|(at, dur)| (t0 + at * 1_000_000, dur * 1_000_000));
 
     while sh.running.load(Ordering::Acquire) {
         // 1. Wait for the time (or the room) to play the next block.
@@ -114,12 +113,6 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
         };
         if now >= stall_at {
             continue; // wedged: alive, but the position never advances again
-        }
-        if let Some((at, dur)) = pause {
-            if now >= at {
-                pause = None;
-                sys::sleep_until_ns(now + dur);
-            }
         }
         if let (Some((when, backoff)), Some(name)) = (reopen, &device_name) {
             if now >= when {
@@ -171,17 +164,28 @@ pub(crate) struct Player {
     sh: Arc<Shared>,
     block: Vec<f32>,
     silence: Vec<f32>,
+    /// Test-only fault (--test-fault-output-pause): (when, for how long), CLOCK_MONOTONIC ns.
+    pause: Option<(u64, u64)>,
 }
 
 impl Player {
     pub(crate) fn new(sh: Arc<Shared>, buffers: Buffers) -> Player {
-        Player { sh, block: buffers.block, silence: buffers.silence }
+        let t0 = sys::now_ns();
+        let pause = sh.config.test_fault_output_pause.map(|(at, dur)| (t0 + at * 1_000_000, dur * 1_000_000));
+        Player { sh, block: buffers.block, silence: buffers.silence, pause }
     }
 
     /// Takes block `pos` from the first ring that holds a valid one (or silence: an underrun,
     /// and `pos` stays), advances the stream, frees the slot in every ring and wakes the
     /// writers. `now`: when this block starts playing (CLOCK_MONOTONIC).
     pub(crate) fn next(&mut self, now: u64) -> &[f32] {
+        if let Some((at, dur)) = self.pause {
+            if now >= at {
+                // The writer stalls once, longer than the device buffer: an xrun.
+                self.pause = None;
+                sys::sleep_until_ns(now + dur);
+            }
+        }
         let sh = &*self.sh;
         let bf = sh.config.block_frames as u64;
         let pos = sh.position.load(Ordering::Relaxed);
