@@ -14,6 +14,11 @@ const UNIT: &str = "audiowarden.service";
 /// dir, and no User=/Group= (a user manager cannot switch users). Everything else, hardening
 /// included, is the shipped unit.
 fn install(h: &SystemdHarness, shm: &str, extra_args: &str, extra_service: &str) {
+    // The unit's sandbox hides /tmp (PrivateTmp) and /root, /home (ProtectHome), where a clone
+    // may live: run a copy from the namespace's /run, which the unit sees.
+    let bin = "/run/aw-bin/audiowardend";
+    let out = h.run(&["install", "-D", "-m", "0755", env!("CARGO_BIN_EXE_audiowardend"), bin]);
+    assert!(out.status.success(), "copy the daemon: {}", String::from_utf8_lossy(&out.stderr));
     let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/audiowarden.service");
     let out = h.systemctl(&["link", unit]);
     assert!(out.status.success(), "link: {}", String::from_utf8_lossy(&out.stderr));
@@ -21,8 +26,7 @@ fn install(h: &SystemdHarness, shm: &str, extra_args: &str, extra_service: &str)
         UNIT,
         "test",
         &format!(
-            "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=\nExecStart={} --shm-dir {shm} --output virtual {extra_args}\nUser=\nGroup=\nSupplementaryGroups=\nAmbientCapabilities=\nWatchdogSec=1s\nTimeoutStopSec=3s\n{extra_service}\n",
-            env!("CARGO_BIN_EXE_audiowardend")
+            "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=\nExecStart={bin} --shm-dir {shm} --output virtual {extra_args}\nUser=\nGroup=\nSupplementaryGroups=\nAmbientCapabilities=\nWatchdogSec=1s\nTimeoutStopSec=3s\n{extra_service}\n"
         ),
     );
 }
