@@ -108,7 +108,11 @@ fn stalled_writer_is_an_xrun(output: &str) {
     std::thread::sleep(Duration::from_secs(2));
     let m = p.get_metrics().unwrap();
     assert!(get_u64(&m, "frames_played") >= played + 48_000, "audio resumed after the xrun");
-    assert_eq!(get_u64(&m, "underruns"), 0);
+    if expect_rt() && get_bool(&m, "realtime") {
+        // Without RT, the burst of blocks the device takes right after the stall can outrun
+        // workers that are not scheduled promptly (an engine underrun, counted as such).
+        assert_eq!(get_u64(&m, "underruns"), 0);
+    }
     assert_eq!(get_u64(&m, "crash_count"), 0);
     assert_eq!(p.state().unwrap(), "running");
     eprintln!("{output}: device_xruns {} after a 200 ms stall", get_u64(&m, "device_xruns"));
