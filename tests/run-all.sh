@@ -63,6 +63,7 @@ fi
 echo "== benchmarks (smoke runs; the README's figures come from 500 cycles and 1000 calls)"
 AW_BENCH_CYCLES=50 cargo bench --bench failover
 AW_BENCH_CALLS=100 cargo bench --bench dbus_latency
+AW_BENCH_SECONDS=2 cargo bench --bench output
 
 # One closing line over both passes (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "suite: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"
