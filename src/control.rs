@@ -147,12 +147,14 @@ impl ControlCore {
         st.targets.clear();
     }
 
-    /// How many coalesced messages have a sequence number <= `played_seq` (the last message
-    /// in the played stream); forgets those.
-    pub(crate) fn coalesced_through(&self, played_seq: u64) -> u64 {
+    /// Changes heard in the played stream: the sequence number of the last one played (read
+    /// under the lock, so a concurrent submit cannot prune past it) minus the coalesced ones
+    /// up to it.
+    pub(crate) fn applied(&self, played_seq: &std::sync::atomic::AtomicU64) -> u64 {
         let mut st = self.lock();
-        st.prune_coalesced(played_seq);
-        st.coalesced_played
+        let played = played_seq.load(Ordering::Acquire);
+        st.prune_coalesced(played);
+        played.saturating_sub(st.coalesced_played)
     }
 
     /// Current targets (the last accepted values).

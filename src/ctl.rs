@@ -72,7 +72,12 @@ pub fn parse_gain(s: &str) -> Result<f64, String> {
 enum Failure {
     Unreachable(String),
     Rejected(String),
+    /// Writing the output failed (not a closed pipe: that is the reader's choice).
+    Output(std::io::Error),
 }
+
+/// Exit code when stdout cannot be written (a full disk, say).
+pub const EXIT_OUTPUT: u8 = 1;
 
 impl Failure {
     fn from_zbus(e: zbus::Error) -> Failure {
@@ -109,14 +114,18 @@ impl Failure {
         match self {
             Failure::Unreachable(why) => {
                 let bus = std::env::var("DBUS_SYSTEM_BUS_ADDRESS").unwrap_or_else(|_| "unix:path=/run/dbus/system_bus_socket".into());
-                eprintln!(
-                    "audiowardenctl: cannot reach {BUS_NAME} on the system bus ({bus}): {why}\n  hint: is the service running? `systemctl status audiowarden`, `journalctl -u audiowarden`"
-                );
+                eprintln!("audiowardenctl: cannot reach {BUS_NAME}: {why}");
+                eprintln!("  bus: {bus}");
+                eprintln!("  hint: systemctl status audiowarden; journalctl -u audiowarden");
                 ExitCode::from(EXIT_UNREACHABLE)
             }
             Failure::Rejected(msg) => {
                 eprintln!("audiowardenctl: rejected by the service: {msg}");
                 ExitCode::from(EXIT_REJECTED)
+            }
+            Failure::Output(e) => {
+                eprintln!("audiowardenctl: cannot write the output: {e}");
+                ExitCode::from(EXIT_OUTPUT)
             }
         }
     }
@@ -279,10 +288,31 @@ fn status_json(s: &Status) -> serde_json::Value {
     })
 }
 
+/// A write to stdout: a closed pipe ends the output quietly (`| head`), anything else fails.
+fn emit(out: &mut impl Write, text: &str) -> Result<(), Failure> {
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(Failure::Output(e)),
+    }
+}
+
+/// `outputs` as lines of at most 80 columns: the value, then its description (on a line of
+/// its own, indented, when the value is long), cut to fit.
+pub fn outputs_text() -> String {
+    let mut text = String::new();
+    for (value, desc) in outputs() {
+        let (head, room) = if value.chars().count() <= 28 { (format!("{value:<29} "), 50) } else { (format!("{value}\n{:30}", ""), 50) };
+        let desc: String = if desc.chars().count() > room { desc.chars().take(room - 1).chain(['…']).collect() } else { desc };
+        text.push_str(&format!("{head}{desc}\n"));
+    }
+    text
+}
+
 /// Every --output value this machine offers, with a description.
 pub fn outputs() -> Vec<(String, String)> {
     let mut v = vec![
-        ("virtual".to_owned(), "paced like a sound card, no device (always available)".to_owned()),
+        ("virtual".to_owned(), "paced like a sound card, no device".to_owned()),
         ("wav:PATH".to_owned(), "virtual, recording every played frame to PATH".to_owned()),
     ];
     v.extend(crate::output::alsa::list_outputs());
@@ -291,22 +321,20 @@ pub fn outputs() -> Vec<(String, String)> {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout();
     if let Command::Outputs = cli.command {
-        for (value, desc) in outputs() {
-            println!("{value:<44} {desc}");
-        }
-        return Ok(());
+        return emit(&mut stdout, &outputs_text());
     }
     let p = proxy()?;
     let f = Failure::from_zbus;
-    let mut stdout = std::io::stdout();
     match cli.command {
         Command::Status { json } => {
             let s = fetch(&p)?;
             if json {
-                let _ = writeln!(stdout, "{}", status_json(&s));
+                emit(&mut stdout, &format!("{}\n", status_json(&s)))?;
             } else {
-                let _ = write!(stdout, "{}", render_status(&s, stdout.is_terminal()));
+                let tty = stdout.is_terminal();
+                emit(&mut stdout, &render_status(&s, tty))?;
             }
         }
         Command::SetFrequency { hz } => p.set_frequency(hz).map_err(f)?,
@@ -315,12 +343,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let m = p.get_metrics().map_err(f)?;
             let sorted = metrics_json(&m);
             if json {
-                let _ = writeln!(stdout, "{}", serde_json::Value::Object(sorted));
+                emit(&mut stdout, &format!("{}\n", serde_json::Value::Object(sorted)))?;
             } else {
                 let width = sorted.keys().map(String::len).max().unwrap_or(0);
-                for (k, v) in sorted {
-                    let _ = writeln!(stdout, "{k:<width$}  {v}");
-                }
+                let text: String = sorted.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect();
+                emit(&mut stdout, &text)?;
             }
         }
         Command::Outputs => unreachable!("handled above"),
@@ -330,11 +357,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let screen = match fetch(&p) {
                     Ok(s) => render_status(&s, tty),
                     Err(Failure::Unreachable(why) | Failure::Rejected(why)) => format!("audiowarden: not reachable ({why})\n"),
+                    Err(Failure::Output(e)) => return Err(Failure::Output(e)),
                 };
                 let clear = if tty { "\x1b[H\x1b[2J" } else { "" };
-                if write!(stdout, "{clear}{screen}").and_then(|_| stdout.flush()).is_err() {
-                    return Ok(()); // stdout closed (a pager quit)
-                }
+                emit(&mut stdout, &format!("{clear}{screen}"))?;
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
@@ -355,6 +381,15 @@ pub fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outputs_fit_80_columns() {
+        let text = outputs_text();
+        assert!(text.starts_with("virtual "));
+        for l in text.lines() {
+            assert!(l.chars().count() <= 80, "{} columns: {l}", l.chars().count());
+        }
+    }
 
     #[test]
     fn gain_accepts_linear_and_decibels() {

@@ -10,7 +10,7 @@
 //!   thread counts as well.
 //! - STATUS= a one-line summary, sent when it changes.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
@@ -23,6 +23,8 @@ pub struct Notifier {
     status: String,
     last_position: u64,
     last_monitor_ticks: u64,
+    /// When the output position and the monitor were last both seen moving.
+    last_progress: Instant,
 }
 
 impl Default for Notifier {
@@ -39,6 +41,7 @@ impl Notifier {
             status: String::new(),
             last_position: 0,
             last_monitor_ticks: 0,
+            last_progress: Instant::now(),
         }
     }
 
@@ -69,13 +72,18 @@ impl Notifier {
         }
     }
 
-    /// The output position advanced and the monitor ticked since the last look.
+    /// The output position and the monitor have both moved within half a watchdog period.
+    /// Each is compared with what it was when both last moved, so an early extra look (a
+    /// signal waking the main loop) cannot miss progress.
     fn alive(&mut self, sup: &Handle) -> bool {
         let (pos, ticks) = (sup.position_frames(), sup.monitor_ticks());
-        let moved = pos > self.last_position && ticks > self.last_monitor_ticks;
-        self.last_position = pos;
-        self.last_monitor_ticks = ticks;
-        moved
+        if pos > self.last_position && ticks > self.last_monitor_ticks {
+            self.last_position = pos;
+            self.last_monitor_ticks = ticks;
+            self.last_progress = Instant::now();
+        }
+        let window = self.watchdog.map_or(Duration::from_secs(1), |w| w / 2);
+        self.last_progress.elapsed() < window
     }
 
     /// STOPPING=1, before the audio stops.

@@ -347,11 +347,19 @@ impl<T> PiMutex<T> {
         let raw = unsafe {
             let raw = Box::new(std::cell::UnsafeCell::new(std::mem::zeroed::<libc::pthread_mutex_t>()));
             let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
-            libc::pthread_mutexattr_init(&mut attr);
-            libc::pthread_mutexattr_setprotocol(&mut attr, libc::PTHREAD_PRIO_INHERIT);
-            let r = libc::pthread_mutex_init(raw.get(), &attr);
+            let mut r = libc::pthread_mutexattr_init(&mut attr);
+            if r == 0 {
+                r = libc::pthread_mutexattr_setprotocol(&mut attr, libc::PTHREAD_PRIO_INHERIT);
+            }
+            if r == 0 {
+                // A relock on the same thread is an error (EDEADLK), not a silent hang.
+                r = libc::pthread_mutexattr_settype(&mut attr, libc::PTHREAD_MUTEX_ERRORCHECK);
+            }
+            if r == 0 {
+                r = libc::pthread_mutex_init(raw.get(), &attr);
+            }
             libc::pthread_mutexattr_destroy(&mut attr);
-            assert_eq!(r, 0, "pthread_mutex_init: {}", std::io::Error::from_raw_os_error(r));
+            assert_eq!(r, 0, "initialising a priority-inheritance mutex: {}", std::io::Error::from_raw_os_error(r));
             raw
         };
         PiMutex { raw, data: std::cell::UnsafeCell::new(value) }
@@ -362,21 +370,33 @@ impl<T> PiMutex<T> {
         let r = unsafe { libc::pthread_mutex_lock(self.raw.get()) };
         // Only EDEADLK/EINVAL are possible (a bug, not a runtime condition).
         assert_eq!(r, 0, "pthread_mutex_lock: {}", std::io::Error::from_raw_os_error(r));
-        PiGuard { m: self }
+        PiGuard { m: self, _not_send: std::marker::PhantomData }
     }
 }
 
 impl<T> Drop for PiMutex<T> {
     fn drop(&mut self) {
-        // SAFETY: no guard can exist (they borrow self); the mutex is initialised and unlocked.
-        unsafe { libc::pthread_mutex_destroy(self.raw.get()) };
+        // SAFETY: no guard can exist any more (they borrow self), but one may have been
+        // forgotten while locked: destroy only a mutex this thread can take; otherwise leak it
+        // (as std does).
+        unsafe {
+            if libc::pthread_mutex_trylock(self.raw.get()) == 0 {
+                libc::pthread_mutex_unlock(self.raw.get());
+                libc::pthread_mutex_destroy(self.raw.get());
+            }
+        }
     }
 }
 
-/// Exclusive access to a [`PiMutex`]'s data; unlocks on drop.
+/// Exclusive access to a [`PiMutex`]'s data; unlocks on drop. Not Send: a PI mutex must be
+/// unlocked by the thread that locked it.
 pub struct PiGuard<'a, T> {
     m: &'a PiMutex<T>,
+    _not_send: std::marker::PhantomData<*const ()>,
 }
+
+// SAFETY: sharing a guard shares `&T` only (Deref); that is sound exactly when T: Sync.
+unsafe impl<T: Sync> Sync for PiGuard<'_, T> {}
 
 impl<T> std::ops::Deref for PiGuard<'_, T> {
     type Target = T;
@@ -395,8 +415,9 @@ impl<T> std::ops::DerefMut for PiGuard<'_, T> {
 
 impl<T> Drop for PiGuard<'_, T> {
     fn drop(&mut self) {
-        // SAFETY: this thread locked the mutex when the guard was made.
-        unsafe { libc::pthread_mutex_unlock(self.m.raw.get()) };
+        // SAFETY: this thread locked the mutex when the guard was made (the guard is not Send).
+        let r = unsafe { libc::pthread_mutex_unlock(self.m.raw.get()) };
+        debug_assert_eq!(r, 0, "pthread_mutex_unlock: {}", std::io::Error::from_raw_os_error(r));
     }
 }
 

@@ -142,7 +142,9 @@ impl Shared {
             if s0 % 2 == 0 && self.clock_seq.load(Ordering::Acquire) == s0 {
                 break (pos, started);
             }
-            std::hint::spin_loop();
+            // The writer is mid-update (a few instructions); if it was preempted there, let
+            // it run rather than spin against it.
+            std::thread::yield_now();
         };
         let since = crate::sys::now_ns().saturating_sub(started).min(self.config.block_ns());
         let frame = pos.saturating_sub(1) * bf + since * self.config.sample_rate as u64 / 1_000_000_000;
@@ -156,7 +158,7 @@ impl Shared {
             m.period_frames = d.period_frames;
             m.buffer_frames = d.buffer_frames;
         }
-        m.control_applied -= self.control.coalesced_through(m.control_applied).min(m.control_applied);
+        m.control_applied = self.control.applied(&self.metrics.played_seq);
         m
     }
 }
