@@ -59,18 +59,8 @@ JACK_REGISTRY_SEM=0x282929      # jackd2's SysV semaphore guarding the shm regis
 
 die() { echo "with-jackd.sh: $*" >&2; exit 1; }
 
-# Start time of PID $1 (field 22 of /proc/PID/stat, counted after the command name, which may
-# hold spaces): with the PID, identifies a process across PID reuse.
-starttime() {
-    local st
-    st=$(cat "/proc/$1/stat" 2>/dev/null) && [ -n "$st" ] || return 1
-    st=${st##*) }
-    set -- $st
-    echo "${20}"
-}
-
-# True if PID $1 exists and is not a zombie.
-alive() { local st; st=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) && [ -n "$st" ] && [ "$st" != Z ]; }
+# starttime, alive
+. "$(dirname "${BASH_SOURCE[0]}")/proc-lib.sh"
 
 # True if PID $1 is alive and its command line contains $2 (guards against PID reuse).
 is_ours() { alive "$1" && tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"; }
