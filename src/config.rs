@@ -230,6 +230,16 @@ impl Config {
                 return err(key, format!("{p} is outside 1..=99"));
             }
         }
+        // The output must never wait for the monitor, nor the monitor for a render thread.
+        if !(self.output_priority > self.monitor_priority && self.monitor_priority > self.render_priority) {
+            return err(
+                "output-priority",
+                format!(
+                    "priorities must be ordered output > monitor > render, got {} > {} > {}",
+                    self.output_priority, self.monitor_priority, self.render_priority
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -264,6 +274,15 @@ mod tests {
         assert!(c.validate().is_ok());
         let bad = Config { device_periods: 1, ..Config::default() };
         assert_eq!(bad.validate().unwrap_err().key, "device-periods");
+    }
+
+    #[test]
+    fn priorities_must_be_ordered() {
+        let bad = Config { monitor_priority: 85, ..Config::default() };
+        let e = bad.validate().unwrap_err();
+        assert!(e.message.contains("output > monitor > render"), "{e}");
+        let ok = Config { output_priority: 90, monitor_priority: 60, render_priority: 50, ..Config::default() };
+        assert!(ok.validate().is_ok());
     }
 
     #[test]

@@ -32,7 +32,12 @@ const RETRY: Duration = Duration::from_secs(2);
 pub struct Engine1 {
     sup: Handle,
     stopping: Arc<AtomicBool>,
+    /// (second of uptime, rejected calls in it), for the log rate limit.
+    log_limit: std::sync::Mutex<(u64, u64)>,
 }
+
+/// Rejected calls logged per second at most.
+const LOG_BURST: u64 = 10;
 
 impl Engine1 {
     fn current_state(&self) -> State {
@@ -44,7 +49,20 @@ impl Engine1 {
     }
 
     fn rejected(&self, method: &str, value: f64, e: &crate::ControlError) -> zbus::fdo::Error {
-        tracing::warn!(METHOD = method, VALUE = value, "rejected {method}({value}): {e}");
+        // Logged once each, but at most LOG_BURST a second: a client looping on bad values
+        // must not flood the journal (the count is in control_rejected either way).
+        let now_s = self.sup.uptime_s();
+        let mut lim = self.log_limit.lock().unwrap_or_else(|p| p.into_inner());
+        if lim.0 != now_s {
+            if lim.1 > LOG_BURST {
+                tracing::warn!("{} more rejected calls were not logged", lim.1 - LOG_BURST);
+            }
+            *lim = (now_s, 0);
+        }
+        lim.1 += 1;
+        if lim.1 <= LOG_BURST {
+            tracing::warn!(METHOD = method, VALUE = value, "rejected {method}({value}): {e}");
+        }
         zbus::fdo::Error::InvalidArgs(e.to_string())
     }
 }
@@ -144,7 +162,7 @@ impl Drop for Service {
 }
 
 fn connect(sup: &Handle, stopping: &Arc<AtomicBool>) -> zbus::Result<zbus::blocking::Connection> {
-    let obj = Engine1 { sup: sup.clone(), stopping: stopping.clone() };
+    let obj = Engine1 { sup: sup.clone(), stopping: stopping.clone(), log_limit: std::sync::Mutex::new((0, 0)) };
     zbus::blocking::connection::Builder::system()?.serve_at(OBJECT_PATH, obj)?.name(BUS_NAME)?.build()
 }
 

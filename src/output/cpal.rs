@@ -98,7 +98,9 @@ impl CpalOut {
                     if e.kind() == ::cpal::ErrorKind::Xrun {
                         err_sh.metrics.device_xruns.fetch_add(1, Ordering::Relaxed);
                     } else {
+                        // The stream is broken (device gone, invalidated): nothing plays, say so.
                         err_sh.metrics.device_losses.fetch_add(1, Ordering::Relaxed);
+                        err_sh.output_degraded.store(true, Ordering::Release);
                     }
                 },
                 None,

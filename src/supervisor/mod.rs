@@ -318,6 +318,11 @@ impl Handle {
         self.shared.position.load(Ordering::Acquire) * self.shared.config.block_frames as u64
     }
 
+    /// Whole seconds since start.
+    pub fn uptime_s(&self) -> u64 {
+        self.shared.started.elapsed().as_secs()
+    }
+
     /// Heartbeat ticks handled by the monitor thread so far.
     pub fn monitor_ticks(&self) -> u64 {
         self.shared.monitor_ticks.load(Ordering::Relaxed)
