@@ -158,3 +158,43 @@ fn list_outputs_shows_every_alsa_playback_pcm_and_cpal_devices() {
     // cpal enumerates the same PCMs through its ALSA host.
     assert!(ours.lines().any(|l| l.starts_with("cpal:awcapture ")), "cpal:awcapture missing:\n{ours}");
 }
+
+/// The device goes away (its JACK server stops) and comes back: the state turns degraded while
+/// the engine keeps going on the virtual clock, then running again once the device is
+/// reopened, and the daemon plays into it again and stops cleanly.
+#[test]
+fn a_device_that_disappears_is_reopened_and_playing_resumes() {
+    // A second server keeps JACK's shared registry in /dev/shm alive while ours restarts:
+    // libjack in the daemon keeps the registry it mapped and cannot connect to a server that
+    // registered in a new one.
+    let _keeper = JackServer::start();
+    let mut jack = JackServer::start();
+    let bus = PrivateBus::start();
+    let mut d = Daemon::start_with_env(&bus, "alsa-gone", &["--output", "alsa:awcapture"], &jack.env());
+    let conn = bus.connection();
+    let p = proxy(&conn);
+    std::thread::sleep(Duration::from_millis(500));
+    jack.stop().expect("stop jackd");
+    wait_until("degraded", Duration::from_secs(5), || p.state().unwrap() == "degraded");
+    let m = p.get_metrics().unwrap();
+    assert_eq!(get_u64(&m, "device_losses"), 1);
+    let played = get_u64(&m, "frames_played");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(get_u64(&p.get_metrics().unwrap(), "frames_played") > played, "the engine keeps going on the virtual clock");
+    jack.restart();
+    let t0 = std::time::Instant::now();
+    while p.state().unwrap() != "running" {
+        if t0.elapsed() > Duration::from_secs(6) {
+            panic!("not running again:\n{}", d.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = p.get_metrics().unwrap();
+    assert_eq!(get_u64(&m, "device_losses"), 1);
+    assert_eq!(get_u64(&m, "crash_count"), 0);
+    // It plays into the device again: a second recording grows.
+    wait_until("a second recording", Duration::from_secs(5), || jack.capture_paths().len() == 2);
+    wait_until("a second recording with sound", Duration::from_secs(5), || JackServer::read_f32(&jack.capture_paths()[1]).len() > 48_000);
+    let st = d.stop();
+    assert!(st.success(), "{st}:\n{}", d.log_text());
+}

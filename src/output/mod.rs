@@ -82,6 +82,8 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
     let mut period: u64 = 0;
     // Device gone: (next reopen attempt, current backoff).
     let mut reopen: Option<(u64, u64)> = None;
+    // Why the device was lost (errno; ETIMEDOUT: it stopped making room).
+    let mut lost_errno = 0;
     // Test-only faults (--test-fault-output-stall-ms, --test-fault-output-pause).
     let t0 = start;
     let stall_at = sh.config.test_fault_output_stall_ms.map_or(u64::MAX, |ms| t0.saturating_add(ms.saturating_mul(1_000_000)));
@@ -98,7 +100,8 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
                     sh.metrics.device_xruns.fetch_add(1, Ordering::Relaxed);
                     sys::now_ns()
                 }
-                Err(alsa::DeviceError::Gone(_)) => {
+                Err(alsa::DeviceError::Gone(errno)) => {
+                    lost_errno = errno;
                     lose_device(&sh, &mut reopen, &mut start, &mut period);
                     continue;
                 }
@@ -117,13 +120,20 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
         if let (Some((when, backoff)), Some(name)) = (reopen, &device_name) {
             if now >= when {
                 match alsa::AlsaOut::open(name, sh.config.sample_rate, sh.config.block_frames, sh.config.device_periods) {
-                    Ok(dev) => {
-                        sink = Sink::Alsa(dev);
+                    // The device must come back at our rate (start-up checks the same).
+                    Ok(dev) if dev.info.rate == sh.config.sample_rate => {
+                        let lost = std::mem::replace(&mut sink, Sink::Alsa(dev));
+                        if lost_errno == libc::ETIMEDOUT {
+                            // A device that stalled (a JACK server that went away) is leaked,
+                            // not closed: closing a JACK client whose server is gone crashes
+                            // libjack later (seen here). Bounded by the number of losses.
+                            std::mem::forget(lost);
+                        }
                         reopen = None;
                         sh.output_degraded.store(false, Ordering::Release);
                         continue;
                     }
-                    Err(_) => reopen = Some((now + backoff, (backoff * 2).min(REOPEN_MAX_NS))),
+                    Ok(_) | Err(_) => reopen = Some((now + backoff, (backoff * 2).min(REOPEN_MAX_NS))),
                 }
             }
         }
@@ -151,7 +161,10 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
                     Err(alsa::DeviceError::Xrun) => {
                         sh.metrics.device_xruns.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(alsa::DeviceError::Gone(_)) => lose_device(&sh, &mut reopen, &mut start, &mut period),
+                    Err(alsa::DeviceError::Gone(errno)) => {
+                        lost_errno = errno;
+                        lose_device(&sh, &mut reopen, &mut start, &mut period)
+                    }
                 }
             }
         }

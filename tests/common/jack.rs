@@ -48,6 +48,13 @@ impl JackServer {
         server
     }
 
+    /// Starts the server again after [`JackServer::stop`], under the same name and with the
+    /// same client configuration (a device coming back).
+    pub fn restart(&mut self) {
+        assert!(self.stopped, "restart: the server still runs");
+        self.launch(64);
+    }
+
     fn launch(&mut self, period_frames: u32) {
         let dir = &self.dir;
         let out = Command::new("bash")
