@@ -79,6 +79,16 @@ pub struct Config {
     #[arg(long)]
     pub list_outputs: bool,
 
+    /// Configuration file (default: /etc/audiowarden/audiowarden.toml if it exists); flags
+    /// given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Check the configuration (file and flags) and exit: 0 if it is valid, 2 with the first
+    /// problem (file, line and key) if not.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// Directory of the shared-memory segments and their manifest.json.
     #[arg(long, default_value = "/dev/shm/audiowarden")]
     pub shm_dir: PathBuf,

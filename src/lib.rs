@@ -7,6 +7,7 @@
 //! [`control`]; everything is measured in [`metrics`].
 
 pub mod config;
+pub mod config_file;
 pub mod control;
 pub mod ctl;
 pub mod dbus;

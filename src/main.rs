@@ -3,8 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use audiowarden::{Config, Supervisor};
-use clap::Parser;
+use audiowarden::Supervisor;
 
 /// Exit codes a unit file can name (e.g. in RestartPreventExitStatus=).
 const EXIT_CONFIG: u8 = 2;
@@ -16,7 +15,19 @@ fn main() -> ExitCode {
         // The worker role: no logging framework, no clap; it must stay small.
         return ExitCode::from(audiowarden::worker::main(&args[2..]) as u8);
     }
-    let config = Config::parse();
+    let config = match audiowarden::config_file::load(std::env::args_os()) {
+        Ok(c) => c,
+        // Bad flags, --help, --version: clap prints and exits (2 for errors, 0 otherwise).
+        Err(audiowarden::config_file::LoadError::Args(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("audiowardend: {}", e.to_string().trim_end());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if config.check_config {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
     if config.list_outputs {
         list_outputs();
         return ExitCode::SUCCESS;

@@ -1,0 +1,276 @@
+//! The configuration file, `/etc/audiowarden/audiowarden.toml` by default: every daemon flag
+//! by its long name (`sample-rate = 48000`, `output = "alsa:default"`). Flags given on the
+//! command line override the file. Any bad line (syntax, unknown key, wrong type, value out of
+//! range) is an error naming the file, the line and the key, and nothing starts on half a
+//! configuration.
+//!
+//! The file is turned into flags placed before the command line's (clap lets a later flag
+//! override an earlier one), so the file and the flags share one parser, one set of defaults
+//! and one validation.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+
+use crate::config::Config;
+
+pub const DEFAULT_PATH: &str = "/etc/audiowarden/audiowarden.toml";
+
+/// Flags that are actions, not settings (or test-only), and so not in the file.
+const NOT_SETTINGS: [&str; 5] = ["config", "check-config", "list-outputs", "help", "version"];
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// `file:line: message` (line 0: the file as a whole).
+    #[error("{}:{line}: {message}", path.display())]
+    File { path: PathBuf, line: usize, message: String },
+    /// The command line itself (clap's own error; `--help` and `--version` come this way too:
+    /// `e.exit()` prints them).
+    #[error("{}", .0.render())]
+    Args(clap::Error),
+    /// A value out of range, from the command line.
+    #[error(transparent)]
+    Invalid(#[from] crate::config::ConfigError),
+}
+
+/// A setting the file may hold: its long flag name and whether it is an on/off switch.
+struct Setting {
+    long: String,
+    switch: bool,
+}
+
+fn settings() -> Vec<Setting> {
+    Config::command()
+        .get_arguments()
+        .filter(|a| !a.is_hide_set())
+        .filter_map(|a| {
+            let long = a.get_long()?.to_owned();
+            (!NOT_SETTINGS.contains(&long.as_str())).then(|| Setting { switch: matches!(a.get_action(), ArgAction::SetTrue), long })
+        })
+        .collect()
+}
+
+/// The 1-based line on which `key` is set in `text` (0 if it cannot be found).
+fn line_of(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            let k = l.split('=').next().unwrap_or("").trim().trim_matches('"');
+            l.contains('=') && (k == key || k.replace('_', "-") == key)
+        })
+        .map_or(0, |i| i + 1)
+}
+
+/// Reads `path` into flags (`--key=value`), checking each key and value on its own.
+fn file_args(path: &Path, text: &str) -> Result<Vec<String>, LoadError> {
+    let err = |line, message: String| LoadError::File { path: path.to_owned(), line, message };
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let line = e.span().map_or(0, |s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        err(line, e.message().to_owned())
+    })?;
+    let known = settings();
+    let mut args = Vec::new();
+    for (key, value) in &table {
+        let line = line_of(text, key);
+        let long = key.replace('_', "-");
+        let Some(s) = known.iter().find(|s| s.long == long) else {
+            let names: Vec<&str> = known.iter().map(|s| s.long.as_str()).collect();
+            return Err(err(line, format!("unknown key `{key}` (known: {})", names.join(", "))));
+        };
+        let arg = match (value, s.switch) {
+            (toml::Value::Boolean(true), true) => Some(format!("--{long}")),
+            (toml::Value::Boolean(false), true) => None,
+            (_, true) => return Err(err(line, format!("`{key}` must be true or false"))),
+            (toml::Value::String(v), false) => Some(format!("--{long}={v}")),
+            (toml::Value::Integer(v), false) => Some(format!("--{long}={v}")),
+            (toml::Value::Float(v), false) => Some(format!("--{long}={v}")),
+            (toml::Value::Boolean(_), false) => return Err(err(line, format!("`{key}` takes a value, not true or false"))),
+            (_, false) => return Err(err(line, format!("`{key}` must be a single value (a string or a number)"))),
+        };
+        if let Some(arg) = arg {
+            // Each value on its own, so that a bad one is reported at its line.
+            if let Err(e) = Config::try_parse_from(["audiowardend", arg.as_str()]) {
+                let msg = e.to_string();
+                let first = msg.lines().next().unwrap_or("").trim_start_matches("error: ");
+                return Err(err(line, format!("`{key}`: {first}")));
+            }
+            args.push(arg);
+        }
+    }
+    Ok(args)
+}
+
+/// The configuration: the file (from `--config`, else the default path if it exists) under
+/// the command line, validated as a whole.
+///
+/// # Errors
+/// The file cannot be read or has a bad line; the command line is bad; a value is out of range
+/// (named with its line when it came from the file).
+pub fn load(cli: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> Result<Config, LoadError> {
+    let cli: Vec<OsString> = cli.into_iter().map(Into::into).collect();
+    // The command line alone first: it names the file, and its errors are its own.
+    let alone = Config::try_parse_from(&cli).map_err(LoadError::Args)?;
+    let (path, explicit) = match &alone.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_PATH), false),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => return finish(alone, None),
+        Err(e) => return Err(LoadError::Read(path, e)),
+    };
+    let from_file = file_args(&path, &text)?;
+    let mut all: Vec<OsString> = cli.first().cloned().into_iter().collect();
+    all.extend(from_file.iter().map(OsString::from));
+    all.extend(cli.iter().skip(1).cloned());
+    let merged = Config::command().args_override_self(true).try_get_matches_from(&all).map_err(LoadError::Args)?;
+    let config = Config::from_arg_matches(&merged).map_err(LoadError::Args)?;
+    let overridden = |key: &str| cli.iter().skip(1).any(|a| a.to_string_lossy().starts_with(&format!("--{key}")));
+    finish(config, Some((&path, &text, &overridden as &dyn Fn(&str) -> bool)))
+}
+
+fn finish(config: Config, file: Option<(&Path, &str, &dyn Fn(&str) -> bool)>) -> Result<Config, LoadError> {
+    match config.validate() {
+        Ok(()) => Ok(config),
+        Err(e) => match file {
+            Some((path, text, overridden)) if !overridden(e.key) && line_of(text, e.key) > 0 => {
+                Err(LoadError::File { path: path.to_owned(), line: line_of(text, e.key), message: format!("`{}`: {}", e.key, e.message) })
+            }
+            _ => Err(LoadError::Invalid(e)),
+        },
+    }
+}
+
+/// The shipped default file: every setting, commented out at its default, with its help.
+pub fn default_file_text() -> String {
+    let mut out = String::from(
+        "# audiowarden: /etc/audiowarden/audiowarden.toml\n\
+         # Every setting of audiowardend, at its default (uncomment to change). Flags given on\n\
+         # the command line override this file. Check a file with `audiowardend --check-config`\n\
+         # (or `audiowardend --config FILE --check-config`). Generated from the daemon's flags\n\
+         # (`audiowarden::config_file::default_file_text`); a test keeps it in step.\n",
+    );
+    let cmd = Config::command();
+    for a in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+        let Some(long) = a.get_long() else { continue };
+        if NOT_SETTINGS.contains(&long) {
+            continue;
+        }
+        let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+        out.push('\n');
+        for l in wrap(&help, 76) {
+            out.push_str(&format!("# {l}\n"));
+        }
+        let default = a.get_default_values().first().map(|v| v.to_string_lossy().into_owned());
+        let line = match (matches!(a.get_action(), ArgAction::SetTrue), default) {
+            (true, _) => format!("# {long} = false"),
+            (false, Some(d)) if d.parse::<f64>().is_ok() => format!("# {long} = {d}"),
+            (false, Some(d)) => format!("# {long} = \"{d}\""),
+            (false, None) => format!("# {long} =  (not set by default)"),
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split_whitespace() {
+        let cur = lines.last_mut().unwrap();
+        if !cur.is_empty() && cur.len() + 1 + word.len() > width {
+            lines.push(word.to_owned());
+        } else {
+            if !cur.is_empty() {
+                cur.push(' ');
+            }
+            cur.push_str(word);
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str, cli: &[&str]) -> Result<Config, LoadError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        std::fs::write(&p, text).unwrap();
+        let mut args = vec!["audiowardend".to_owned(), "--config".to_owned(), p.display().to_string()];
+        args.extend(cli.iter().map(|s| s.to_string()));
+        load(args)
+    }
+
+    fn message(r: Result<Config, LoadError>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_flags_defaults() {
+        let mut c = load_text("", &[]).unwrap();
+        assert!(c.config.is_some());
+        c.config = None;
+        assert_eq!(format!("{c:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn the_file_sets_and_flags_override() {
+        let c = load_text("sample-rate = 44100\ngain = 0.5\noutput = \"virtual\"\nstandby = \"warm\"\n", &[]).unwrap();
+        assert_eq!((c.sample_rate, c.gain, c.standby), (44_100, 0.5, crate::StandbyMode::Warm));
+        let c = load_text("sample-rate = 44100\ngain = 0.5\n", &["--gain", "0.125"]).unwrap();
+        assert_eq!((c.sample_rate, c.gain), (44_100, 0.125));
+        // Underscores work as well as dashes.
+        assert_eq!(load_text("block_frames = 128\n", &[]).unwrap().block_frames, 128);
+    }
+
+    #[test]
+    fn bad_keys_types_and_ranges_name_their_line() {
+        let m = message(load_text("gain = 0.5\nspeakers = 2\n", &[]));
+        assert!(m.ends_with(":2: unknown key `speakers` (known: output, device-periods, shm-dir, sample-rate, block-frames, lookahead-blocks, frequency, gain, standby, reserve-workers, output-priority, monitor-priority, render-priority, hang-timeout-blocks, max-restarts, restart-window-s, cpu-latency-qos-us)") || m.contains(":2: unknown key `speakers`"), "{m}");
+        let m = message(load_text("\n\nsample-rate = \"fast\"\n", &[]));
+        assert!(m.contains(":3: `sample-rate`"), "{m}");
+        let m = message(load_text("frequency = 440\ngain = [1, 2]\n", &[]));
+        assert!(m.contains(":2: `gain` must be a single value"), "{m}");
+        let m = message(load_text("standby = true\n", &[]));
+        assert!(m.contains(":1: `standby` takes a value"), "{m}");
+        let m = message(load_text("gain = 0.5\n\nsample-rate = 1000\n", &[]));
+        assert!(m.contains(":3: `sample-rate`: 1000 is outside 8000..=384000 Hz"), "{m}");
+        let m = message(load_text("gain = 0.5\nfrequency = \n", &[]));
+        assert!(m.contains(":2:"), "{m}");
+        // Out of range in the file, but the flag overrides it: fine.
+        assert!(load_text("sample-rate = 1000\n", &["--sample-rate", "48000"]).is_ok());
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error_a_missing_default_is_not() {
+        let m = message(load(["audiowardend", "--config", "/nonexistent/aw.toml"]));
+        assert!(m.starts_with("/nonexistent/aw.toml: "), "{m}");
+        if !Path::new(DEFAULT_PATH).exists() {
+            assert!(load(["audiowardend"]).is_ok());
+        }
+    }
+
+    #[test]
+    fn the_default_file_lists_every_setting_and_loads_to_the_defaults() {
+        let text = default_file_text();
+        for s in settings() {
+            assert!(text.lines().any(|l| l.starts_with(&format!("# {} = ", s.long))), "{} missing", s.long);
+        }
+        // Uncommented, it is a valid file that changes nothing.
+        let uncommented: String = text
+            .lines()
+            .filter(|l| l.starts_with("# ") && l.contains(" = ") && !l.contains("(not set by default)"))
+            .filter(|l| settings().iter().any(|s| l.starts_with(&format!("# {} = ", s.long))))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        let c = load_text(&uncommented, &[]).unwrap();
+        let d = Config::default();
+        assert_eq!((c.sample_rate, c.gain, c.frequency, c.output.clone()), (d.sample_rate, d.gain, d.frequency, d.output.clone()));
+    }
+}
