@@ -102,13 +102,20 @@ fn lifecycle_under_systemd() {
     assert_eq!(h.show(UNIT, "ActiveState"), "active");
     wait_for("STATUS with the failover", Duration::from_secs(3), || h.show(UNIT, "StatusText").contains("1 failover"));
 
-    // Stop: STOPPING, exit 0 in time, workers and segments gone.
+    // Stop: STOPPING, exit 0 in time, workers and segments gone. The manager logs every
+    // notification it receives at debug level: that is how STOPPING=1 is seen arriving.
+    assert!(h.systemctl(&["log-level", "debug"]).status.success());
     let t0 = Instant::now();
     assert!(h.systemctl(&["stop", UNIT]).status.success());
     let stop_time = t0.elapsed();
     assert!(stop_time < Duration::from_secs(3), "stop took {stop_time:?} (TimeoutStopSec=3s)");
     assert_eq!(h.show(UNIT, "Result"), "success");
     assert_eq!(h.show(UNIT, "ExecMainStatus"), "0");
+    let manager = h.journal(&["--user-unit", UNIT, "--no-pager"]);
+    assert!(
+        manager.lines().any(|l| l.contains("Got notification message") && l.contains("STOPPING=1")),
+        "the manager received no STOPPING=1:\n{manager}"
+    );
     assert!(!shm.0.exists(), "the shm dir is removed on stop");
     let procs = h.run(&["pgrep", "-f", "audiowardend"]);
     assert!(String::from_utf8_lossy(&procs.stdout).trim().is_empty(), "left running: {}", String::from_utf8_lossy(&procs.stdout));
