@@ -297,33 +297,10 @@ fn emit(out: &mut impl Write, text: &str) -> Result<(), Failure> {
     }
 }
 
-/// `outputs` as lines of at most 80 columns: the value, then its description (on a line of
-/// its own, indented, when the value is long), cut to fit.
-pub fn outputs_text() -> String {
-    let mut text = String::new();
-    for (value, desc) in outputs() {
-        let (head, room) = if value.chars().count() <= 28 { (format!("{value:<29} "), 50) } else { (format!("{value}\n{:30}", ""), 50) };
-        let desc: String = if desc.chars().count() > room { desc.chars().take(room - 1).chain(['…']).collect() } else { desc };
-        text.push_str(&format!("{head}{desc}\n"));
-    }
-    text
-}
-
-/// Every --output value this machine offers, with a description.
-pub fn outputs() -> Vec<(String, String)> {
-    let mut v = vec![
-        ("virtual".to_owned(), "paced like a sound card, no device".to_owned()),
-        ("wav:PATH".to_owned(), "virtual, recording every played frame to PATH".to_owned()),
-    ];
-    v.extend(crate::output::alsa::list_outputs());
-    v.extend(crate::output::cpal::list_outputs());
-    v
-}
-
 fn run(cli: Cli) -> Result<(), Failure> {
     let mut stdout = std::io::stdout();
     if let Command::Outputs = cli.command {
-        return emit(&mut stdout, &outputs_text());
+        return emit(&mut stdout, &crate::output::outputs_text());
     }
     let p = proxy()?;
     let f = Failure::from_zbus;
@@ -384,7 +361,7 @@ mod tests {
 
     #[test]
     fn outputs_fit_80_columns() {
-        let text = outputs_text();
+        let text = crate::output::outputs_text();
         assert!(text.starts_with("virtual "));
         for l in text.lines() {
             assert!(l.chars().count() <= 80, "{} columns: {l}", l.chars().count());

@@ -105,7 +105,7 @@ fn main() -> ExitCode {
 fn list_outputs() {
     use std::io::Write;
     // A closed pipe (`| head`) is fine; nothing else can go wrong that we could report.
-    let _ = std::io::stdout().write_all(audiowarden::ctl::outputs_text().as_bytes());
+    let _ = std::io::stdout().write_all(audiowarden::output::outputs_text().as_bytes());
 }
 
 fn block_signals() -> libc::sigset_t {

@@ -7,8 +7,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::systemd::SystemdHarness;
+use common::wait_until_every;
 
 const UNIT: &str = "audiowarden.service";
+/// Each check runs a process in the namespace: look a few times a second, not a thousand.
+const POLL: Duration = Duration::from_millis(50);
 
 /// Links the shipped unit and adds a drop-in for the test: the built binary, a private shm
 /// dir, and no User=/Group= (a user manager cannot switch users). Everything else, hardening
@@ -55,14 +58,6 @@ fn metric(m: &serde_json::Value, k: &str) -> u64 {
     m[k]["data"].as_u64().unwrap_or_else(|| panic!("{k} in {m}"))
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn shm_dir(tag: &str) -> common::ShmDir {
     common::ShmDir::new(&format!("sd-{tag}"))
 }
@@ -91,7 +86,7 @@ fn lifecycle_under_systemd() {
     eprintln!("realtime under the user manager: {}", m["realtime"]["data"]);
     let primary = metric(&m, "primary_pid");
     assert!(h.run(&["kill", "-KILL", &primary.to_string()]).status.success());
-    wait_for("the rebuild", Duration::from_secs(5), || {
+    wait_until_every("the rebuild", Duration::from_secs(5), POLL, || {
         let m = busctl_metrics(&h);
         metric(&m, "replacements") == 1 && m["spare_ready"]["data"] == true
     });
@@ -100,7 +95,7 @@ fn lifecycle_under_systemd() {
     assert_eq!(metric(&m, "underruns"), 0);
     assert_eq!(h.show(UNIT, "NRestarts"), "0");
     assert_eq!(h.show(UNIT, "ActiveState"), "active");
-    wait_for("STATUS with the failover", Duration::from_secs(3), || h.show(UNIT, "StatusText").contains("1 failover"));
+    wait_until_every("STATUS with the failover", Duration::from_secs(3), POLL, || h.show(UNIT, "StatusText").contains("1 failover"));
 
     // Stop: STOPPING, exit 0 in time, workers and segments gone. The manager logs every
     // notification it receives at debug level: that is how STOPPING=1 is seen arriving.
@@ -142,13 +137,13 @@ fn watchdog_restarts_a_stopped_supervisor() {
     start(&h);
     let main_pid = h.show(UNIT, "MainPID");
     assert!(h.run(&["kill", "-STOP", &main_pid]).status.success());
-    wait_for("a watchdog restart", Duration::from_secs(15), || h.show(UNIT, "NRestarts") == "1" && h.show(UNIT, "ActiveState") == "active" && h.show(UNIT, "SubState") == "running");
+    wait_until_every("a watchdog restart", Duration::from_secs(15), POLL, || h.show(UNIT, "NRestarts") == "1" && h.show(UNIT, "ActiveState") == "active" && h.show(UNIT, "SubState") == "running");
     assert_ne!(h.show(UNIT, "MainPID"), main_pid);
     let m = busctl_metrics(&h);
     assert!(metric(&m, "stale_segments_reclaimed") >= 2, "the new instance reclaims the old one's segments: {m}");
     assert_eq!(metric(&m, "shm_leaks"), 0);
     let played = metric(&m, "frames_played");
-    wait_for("the new instance playing", Duration::from_secs(2), || metric(&busctl_metrics(&h), "frames_played") > played);
+    wait_until_every("the new instance playing", Duration::from_secs(2), POLL, || metric(&busctl_metrics(&h), "frames_played") > played);
     let journal = h.journal(&["-u", UNIT, "--no-pager"]);
     assert!(journal.contains("reclaimed 6 stale shared-memory segments"), "no reclaim logged:\n{journal}");
     let manager = h.journal(&["--user-unit", UNIT, "--no-pager"]);
@@ -165,7 +160,7 @@ fn watchdog_restarts_a_daemon_that_plays_nothing() {
     install(&h, shm.0.to_str().unwrap(), "--test-fault-output-stall-ms 1500", "");
     start(&h);
     let main_pid = h.show(UNIT, "MainPID");
-    wait_for("a watchdog restart", Duration::from_secs(15), || h.show(UNIT, "NRestarts").parse::<u32>().unwrap_or(0) >= 1);
+    wait_until_every("a watchdog restart", Duration::from_secs(15), POLL, || h.show(UNIT, "NRestarts").parse::<u32>().unwrap_or(0) >= 1);
     let manager = h.journal(&["--user-unit", UNIT, "--no-pager"]);
     assert!(manager.contains("Watchdog timeout"), "systemd logged no watchdog timeout:\n{manager}");
     assert_ne!(h.show(UNIT, "MainPID"), main_pid);
@@ -184,7 +179,7 @@ fn restart_after_sigkill_reclaims_and_plays_within_a_second() {
     let t0 = Instant::now();
     assert!(h.run(&["kill", "-KILL", &main_pid]).status.success());
     let mut m = serde_json::Value::Null;
-    wait_for("the new instance playing", Duration::from_secs(5), || {
+    wait_until_every("the new instance playing", Duration::from_secs(5), POLL, || {
         let out = h.run(&["busctl", "--system", "--json=short", "call", "org.audiowarden.Engine1", "/org/audiowarden/Engine1", "org.audiowarden.Engine1", "GetMetrics"]);
         if !out.status.success() {
             return false;

@@ -177,6 +177,15 @@ impl AlsaOut {
         Ok(())
     }
 
+    /// Disposes of a device declared gone with `errno`. One that stalled (ETIMEDOUT: a JACK
+    /// server that went away) is leaked, not closed: closing a JACK client whose server is gone
+    /// crashes libjack later (seen here). Bounded by the number of losses.
+    pub fn close_after_loss(self, errno: i32) {
+        if errno == libc::ETIMEDOUT {
+            std::mem::forget(self);
+        }
+    }
+
     /// Frames queued in the device (its output latency), if it can tell.
     pub fn delay_frames(&self) -> Option<i64> {
         self.pcm.delay().ok()

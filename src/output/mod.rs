@@ -35,6 +35,29 @@ pub enum Sink {
     Cpal(cpal::CpalOut),
 }
 
+/// `outputs` as lines of at most 80 columns: the value, then its description (on a line of
+/// its own, indented, when the value is long), cut to fit.
+pub fn outputs_text() -> String {
+    let mut text = String::new();
+    for (value, desc) in outputs() {
+        let (head, room) = if value.chars().count() <= 28 { (format!("{value:<29} "), 50) } else { (format!("{value}\n{:30}", ""), 50) };
+        let desc: String = if desc.chars().count() > room { desc.chars().take(room - 1).chain(['…']).collect() } else { desc };
+        text.push_str(&format!("{head}{desc}\n"));
+    }
+    text
+}
+
+/// Every --output value this machine offers, with a description.
+pub fn outputs() -> Vec<(String, String)> {
+    let mut v = vec![
+        ("virtual".to_owned(), "paced like a sound card, no device".to_owned()),
+        ("wav:PATH".to_owned(), "virtual, recording every played frame to PATH".to_owned()),
+    ];
+    v.extend(alsa::list_outputs());
+    v.extend(cpal::list_outputs());
+    v
+}
+
 /// The output thread's only memory besides its stack: allocated before the thread starts.
 pub(crate) struct Buffers {
     block: Vec<f32>,
@@ -122,12 +145,8 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
                 match alsa::AlsaOut::open(name, sh.config.sample_rate, sh.config.block_frames, sh.config.device_periods) {
                     // The device must come back at our rate (start-up checks the same).
                     Ok(dev) if dev.info.rate == sh.config.sample_rate => {
-                        let lost = std::mem::replace(&mut sink, Sink::Alsa(dev));
-                        if lost_errno == libc::ETIMEDOUT {
-                            // A device that stalled (a JACK server that went away) is leaked,
-                            // not closed: closing a JACK client whose server is gone crashes
-                            // libjack later (seen here). Bounded by the number of losses.
-                            std::mem::forget(lost);
+                        if let Sink::Alsa(lost) = std::mem::replace(&mut sink, Sink::Alsa(dev)) {
+                            lost.close_after_loss(lost_errno);
                         }
                         reopen = None;
                         sh.output_degraded.store(false, Ordering::Release);

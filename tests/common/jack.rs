@@ -139,18 +139,7 @@ impl JackServer {
             return Ok(());
         }
         self.stopped = true;
-        let out = Command::new("bash")
-            .arg(jack_script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("run with-jackd.sh stop: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("with-jackd.sh stop failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)))
-        }
+        super::stop_support_script("with-jackd.sh", self.dir.path())
     }
 }
 

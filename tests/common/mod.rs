@@ -42,11 +42,16 @@ pub fn config(shm: &ShmDir, output: OutputSpec, standby: StandbyMode, freq: f64,
     }
 }
 
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, cond: impl FnMut() -> bool) {
+    wait_until_every(what, timeout, Duration::from_millis(1), cond)
+}
+
+/// [`wait_until`], checking every `every` (for checks that run a process).
+pub fn wait_until_every(what: &str, timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !cond() {
         assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(every);
     }
 }
 
@@ -148,5 +153,22 @@ pub fn wait_child(child: &mut std::process::Child, timeout: Duration) -> Option<
             return None;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `bash tests/support/SCRIPT SUBCOMMAND DIR`, stdin closed (the harness scripts' interface).
+pub fn support_script(script: &str, subcommand: &str, dir: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new("bash");
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support").join(script)).arg(subcommand).arg(dir).stdin(std::process::Stdio::null());
+    c
+}
+
+/// `SCRIPT stop DIR`, its failure as a message.
+pub fn stop_support_script(script: &str, dir: &Path) -> Result<(), String> {
+    let out = support_script(script, "stop", dir).output().map_err(|e| format!("run {script} stop: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{script} stop failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)))
     }
 }

@@ -208,18 +208,7 @@ impl SystemdHarness {
             return Ok(());
         }
         self.stopped = true;
-        let out = Command::new("bash")
-            .arg(harness_script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("run systemd-harness.sh stop: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!("systemd-harness.sh stop failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)))
-        }
+        super::stop_support_script("systemd-harness.sh", self.dir.path())
     }
 }
 
