@@ -90,6 +90,12 @@ fn three_kills_are_inaudible(output: &str) {
         assert_eq!(get_u64(&m, "device_xruns"), 0, "with real-time scheduling the device never ran dry");
     }
     assert!(d.stop().success());
+    if output.starts_with("cpal:") && get_u64(&m, "device_xruns") > 0 {
+        // Only possible without RT (asserted 0 above with it): cpal drops the period that hit
+        // an xrun, so that stream has a gap by construction (see the stall test).
+        eprintln!("{output}: {} device xruns without RT; bit-exactness not checked", get_u64(&m, "device_xruns"));
+        return;
+    }
     let frames = assert_capture_is_reference(&jack, 1000.0, 0.5, get_u64(&m, "underruns"));
     eprintln!("{output}: {frames} frames bit-exact through 3 kills; device_xruns {}", get_u64(&m, "device_xruns"));
 }
