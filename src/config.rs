@@ -43,6 +43,19 @@ impl FromStr for OutputSpec {
     }
 }
 
+impl std::fmt::Display for OutputSpec {
+    /// The form `--output` takes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutputSpec::Auto => f.write_str("auto"),
+            OutputSpec::Virtual => f.write_str("virtual"),
+            OutputSpec::Wav(p) => write!(f, "wav:{}", p.display()),
+            OutputSpec::Alsa(pcm) => write!(f, "alsa:{pcm}"),
+            OutputSpec::Cpal(dev) => write!(f, "cpal:{dev}"),
+        }
+    }
+}
+
 /// What the standby worker does until it is needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StandbyMode {
@@ -251,6 +264,31 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Every setting (what the configuration file may hold) by its flag name, with its value
+    /// as text: what a reload compares. A test keeps it equal to the flags.
+    pub fn settings(&self) -> Vec<(&'static str, String)> {
+        let qos = self.cpu_latency_qos_us.map_or_else(|| "unset".to_owned(), |v| v.to_string());
+        vec![
+            ("output", self.output.to_string()),
+            ("device-periods", self.device_periods.to_string()),
+            ("shm-dir", self.shm_dir.display().to_string()),
+            ("sample-rate", self.sample_rate.to_string()),
+            ("block-frames", self.block_frames.to_string()),
+            ("lookahead-blocks", self.lookahead_blocks.to_string()),
+            ("frequency", self.frequency.to_string()),
+            ("gain", self.gain.to_string()),
+            ("standby", format!("{:?}", self.standby).to_lowercase()),
+            ("reserve-workers", self.reserve_workers.to_string()),
+            ("output-priority", self.output_priority.to_string()),
+            ("monitor-priority", self.monitor_priority.to_string()),
+            ("render-priority", self.render_priority.to_string()),
+            ("hang-timeout-blocks", self.hang_timeout_blocks.to_string()),
+            ("max-restarts", self.max_restarts.to_string()),
+            ("restart-window-s", self.restart_window_s.to_string()),
+            ("cpu-latency-qos-us", qos),
+        ]
     }
 
     /// Length of one block in nanoseconds.

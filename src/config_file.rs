@@ -54,6 +54,11 @@ fn settings() -> Vec<Setting> {
         .collect()
 }
 
+/// The long names of every setting the file may hold.
+pub fn setting_names() -> Vec<String> {
+    settings().into_iter().map(|s| s.long).collect()
+}
+
 /// The 1-based line on which `key` is set in `text` (0 if it cannot be found).
 fn line_of(text: &str, key: &str) -> usize {
     text.lines()

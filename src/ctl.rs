@@ -49,6 +49,9 @@ pub enum Command {
     },
     /// Show the status every second until Ctrl-C.
     Watch,
+    /// Re-read the service's configuration file (like `systemctl reload audiowarden`): shows
+    /// what was applied live and what needs a restart.
+    Reload,
     /// The outputs this machine offers, with the --output value for each (as
     /// `audiowardend --list-outputs`; enumerated here, not asked of the service).
     Outputs,
@@ -327,6 +330,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 emit(&mut stdout, &text)?;
             }
         }
+        Command::Reload => {
+            let (applied, needs_restart, refused) = p.reload().map_err(f)?;
+            emit(&mut stdout, &reload_text(&applied, &needs_restart, &refused))?;
+        }
         Command::Outputs => unreachable!("handled above"),
         Command::Watch => {
             let tty = stdout.is_terminal();
@@ -343,6 +350,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+fn reload_text(applied: &[String], needs_restart: &[String], refused: &[String]) -> String {
+    let list = |l: &[String]| if l.is_empty() { "none".to_owned() } else { l.join(", ") };
+    let mut text = format!("applied: {}\nneeds a restart: {}\n", list(applied), list(needs_restart));
+    for r in refused {
+        text += &format!("refused: {r}\n");
+    }
+    text
 }
 
 /// The whole CLI; `main` of `audiowardenctl`.

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod output;
+pub mod reload;
 pub mod shm;
 pub mod supervisor;
 pub mod sys;

@@ -1,8 +1,10 @@
 //! `audiowardend`: the supervisor daemon, or (with `--worker`, internal) a worker process.
 
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use audiowarden::reload::Reloader;
 use audiowarden::Supervisor;
 
 /// Exit codes a unit file can name (e.g. in RestartPreventExitStatus=).
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
     // Signals are taken synchronously by this thread; every thread started later inherits
     // the mask (workers get a clean mask at spawn).
     let sigs = block_signals();
+    let started_with = config.clone();
     let sup = match Supervisor::start(config) {
         Ok(s) => s,
         Err(e) => {
@@ -47,8 +50,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
+    // SIGHUP and the D-Bus Reload method share one reloader (one reload at a time).
+    let reloader = Arc::new(Mutex::new(Reloader::new(std::env::args_os().collect(), started_with, sup.handle())));
     // The D-Bus API; the audio does not depend on it (it retries if the bus is away).
-    let service = match audiowarden::dbus::service::Service::start(sup.handle()) {
+    let service = match audiowarden::dbus::service::Service::start(sup.handle(), Some(reloader.clone())) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::error!("cannot start the D-Bus thread: {e}");
@@ -63,9 +68,19 @@ fn main() -> ExitCode {
     let summary_every = Duration::from_secs(10);
     let mut last_summary = std::time::Instant::now();
     loop {
-        if let Some(sig) = wait_signal(&sigs, notifier.interval()) {
-            tracing::info!("signal {sig}: stopping");
-            break;
+        match wait_signal(&sigs, notifier.interval()) {
+            Some(libc::SIGHUP) => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                notifier.reloading();
+                // Logged by the reloader, success or not; a bad file keeps the settings in force.
+                let _ = reloader.lock().unwrap_or_else(|p| p.into_inner()).reload_and_log();
+                notifier.reloaded();
+            }
+            Some(sig) => {
+                tracing::info!("signal {sig}: stopping");
+                break;
+            }
+            None => {}
         }
         notifier.tick(&handle, service.as_ref().is_some_and(|s| s.name_owned()));
         if last_summary.elapsed() < summary_every {
@@ -116,6 +131,7 @@ fn block_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }

@@ -86,6 +86,24 @@ impl Notifier {
         self.last_progress.elapsed() < window
     }
 
+    /// RELOADING=1 (with the monotonic time systemd asks for) before a reload; systemd shows
+    /// the unit reloading until [`Notifier::reloaded`]. Nothing before the first READY=1.
+    pub fn reloading(&mut self) {
+        if self.ready {
+            match NotifyState::monotonic_usec_now() {
+                Ok(now) => self.send(&[NotifyState::Reloading, now]),
+                Err(e) => tracing::warn!("sd_notify: no monotonic time for RELOADING=1: {e}"),
+            }
+        }
+    }
+
+    /// READY=1 again after a reload (whether or not it changed anything).
+    pub fn reloaded(&mut self) {
+        if self.ready {
+            self.send(&[NotifyState::Ready]);
+        }
+    }
+
     /// STOPPING=1, before the audio stops.
     pub fn stopping(&mut self) {
         self.send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);

@@ -226,6 +226,30 @@ pub fn set_fifo(priority: i32) -> io::Result<()> {
     }
 }
 
+/// The calling thread's kernel id (for [`set_fifo_of`] from another thread).
+pub fn gettid() -> i32 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Sets SCHED_FIFO at `priority` for another thread or process, by kernel id (a reload
+/// changing a running thread's priority). Same errors as [`set_fifo`], and ESRCH if it is gone.
+pub fn set_fifo_of(tid: i32, priority: i32) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: priority };
+    // SAFETY: a valid sched_param; a stale id gives ESRCH, not UB.
+    cvt(unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) }).map(|_| ())
+}
+
+/// The SCHED_FIFO priority of a thread or process by kernel id (0: not real-time).
+pub fn fifo_priority_of(tid: i32) -> io::Result<i32> {
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a valid out-pointer; a stale id gives ESRCH.
+    let policy = cvt(unsafe { libc::sched_getscheduler(tid) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::sched_getparam(tid, &mut param) })?;
+    Ok(if policy == libc::SCHED_FIFO { param.sched_priority } else { 0 })
+}
+
 /// mlockall(MCL_CURRENT): pins every page mapped now.
 pub fn mlockall() -> io::Result<()> {
     // SAFETY: mlockall takes flags only.

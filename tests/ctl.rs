@@ -80,3 +80,27 @@ fn exit_codes_bad_arguments_rejected_and_unreachable() {
     let o = bus.command(env!("CARGO_BIN_EXE_audiowardenctl")).env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/socket").arg("status").output().unwrap();
     assert_eq!(o.status.code(), Some(3), "{}", text(&o).1);
 }
+
+#[test]
+fn reload_prints_what_was_applied_and_what_needs_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("audiowarden.toml");
+    std::fs::write(&file, "gain = 0.25\n").unwrap();
+    let bus = PrivateBus::start();
+    let _d = Daemon::start(&bus, "ctl-reload", &["--config", file.to_str().unwrap()]);
+
+    std::fs::write(&file, "gain = 0.5\nblock-frames = 128\n").unwrap();
+    let o = ctl(&bus, &["reload"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(out, "applied: gain\nneeds a restart: block-frames\n");
+
+    // A bad file: rejected (exit 4) with the line, nothing changed.
+    std::fs::write(&file, "gain = 0.5\nblock-frames = \"many\"\n").unwrap();
+    let o = ctl(&bus, &["reload"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(err.contains("audiowarden.toml:2:") && err.contains("block-frames") && err.contains("nothing was changed"), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&ctl(&bus, &["status", "--json"]).stdout).unwrap();
+    assert_eq!(v["gain"], 0.5);
+}

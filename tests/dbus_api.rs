@@ -41,6 +41,8 @@ fn busctl_calls_every_method_and_reads_every_property() {
     ok(&call(&bus, "SetGain", &["d", "0.5"]), "SetGain");
     assert_eq!(get_property(&bus, "Frequency"), "d 880");
     assert_eq!(get_property(&bus, "Gain"), "d 0.5");
+    // No configuration file here: nothing changes, nothing to restart, nothing refused.
+    assert_eq!(ok(&call(&bus, "Reload", &[]), "Reload").trim(), "asasas 0 0 0");
 
     // GetMetrics: every key of the contract with its type.
     let json = ok(&bus.busctl(&["--json=short", "call", BUS_NAME, OBJECT_PATH, INTERFACE, "GetMetrics"]), "GetMetrics");
@@ -78,7 +80,7 @@ fn live_introspection_matches_the_shipped_xml() {
     };
     let (live, shipped) = (canon(&live), canon(&shipped));
     assert_eq!(live, shipped, "dbus/org.audiowarden.Engine1.xml differs from the live service");
-    assert_eq!(live.len(), 3 + 1 + 5);
+    assert_eq!(live.len(), 4 + 1 + 5);
 }
 
 #[test]
@@ -203,9 +205,11 @@ fn unprivileged_users_read_metrics_but_only_group_audio_may_set() {
     ok(&as_user(&[], &get_metrics), "GetMetrics as nobody");
     ok(&as_user(&[], &["get-property", BUS_NAME, OBJECT_PATH, INTERFACE, "Gain"]), "Get(Gain) as nobody");
     ok(&as_user(&[], &["introspect", BUS_NAME, OBJECT_PATH]), "introspect as nobody");
-    let denied = as_user(&[], &set_gain);
-    let err = String::from_utf8_lossy(&denied.stderr);
-    assert!(!denied.status.success() && err.to_lowercase().contains("access denied"), "SetGain as nobody: {err}");
+    for call in [&set_gain[..], &["call", BUS_NAME, OBJECT_PATH, INTERFACE, "Reload"]] {
+        let denied = as_user(&[], call);
+        let err = String::from_utf8_lossy(&denied.stderr);
+        assert!(!denied.status.success() && err.to_lowercase().contains("access denied"), "{call:?} as nobody: {err}");
+    }
     assert_eq!(get_property(&bus, "Gain"), "d 0.25");
 
     // A member of group audio may.

@@ -127,6 +127,44 @@ fn lifecycle_under_systemd() {
     assert!(entries.iter().filter(ours).any(|e| msg(e).contains("stopping")), "no stop entry:\n{journal}");
 }
 
+/// `systemctl reload` (ExecReload sends SIGHUP): the file is read again, the live settings
+/// change, the daemon tells the manager RELOADING=1 then READY=1, and nothing restarts.
+#[test]
+fn systemctl_reload_applies_the_edited_file() {
+    let h = SystemdHarness::start();
+    let shm = shm_dir("reload");
+    let conf = "/run/aw-bin/audiowarden.toml";
+    let write_conf = |text: &str| {
+        let out = h.run(&["sh", "-c", &format!("mkdir -p /run/aw-bin && printf '{text}' > {conf}")]);
+        assert!(out.status.success(), "write {conf}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    write_conf("gain = 0.25\\n");
+    install(&h, shm.0.to_str().unwrap(), &format!("--config {conf}"), "");
+    start(&h);
+    let main_pid = h.show(UNIT, "MainPID");
+    assert!(h.systemctl(&["log-level", "debug"]).status.success());
+
+    write_conf("gain = 0.5\\nsample-rate = 44100\\n");
+    let out = h.systemctl(&["reload", UNIT]);
+    assert!(out.status.success(), "systemctl reload: {}", String::from_utf8_lossy(&out.stderr));
+    let gain = || {
+        let out = h.run(&["busctl", "--system", "get-property", "org.audiowarden.Engine1", "/org/audiowarden/Engine1", "org.audiowarden.Engine1", "Gain"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    wait_until_every("the reloaded gain", Duration::from_secs(5), POLL, || gain() == "d 0.5");
+    wait_until_every("the reload in the journal", Duration::from_secs(5), POLL, || {
+        h.journal(&["-u", UNIT, "--no-pager"]).contains("configuration reloaded: applied gain 0.25 -> 0.5; needs a restart to take effect: sample-rate 48000 -> 44100")
+    });
+    let manager = h.journal(&["--user-unit", UNIT, "--no-pager"]);
+    assert!(
+        manager.lines().any(|l| l.contains("Got notification message") && l.contains("RELOADING=1")),
+        "the manager received no RELOADING=1:\n{manager}"
+    );
+    assert_eq!(h.show(UNIT, "ActiveState"), "active");
+    assert_eq!(h.show(UNIT, "MainPID"), main_pid, "a reload is not a restart");
+    assert!(h.systemctl(&["stop", UNIT]).status.success());
+}
+
 /// SIGSTOP of the main process: the watchdog fires, systemd restarts the service, and the new
 /// instance reclaims the old one's segments and plays.
 #[test]

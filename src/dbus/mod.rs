@@ -29,6 +29,9 @@ pub trait Engine1 {
     /// Every metric, keyed as in [`metrics_dict`].
     fn get_metrics(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
 
+    /// (applied, needs_restart, refused).
+    fn reload(&self) -> zbus::Result<(Vec<String>, Vec<String>, Vec<String>)>;
+
     #[zbus(property)]
     fn frequency(&self) -> zbus::Result<f64>;
 

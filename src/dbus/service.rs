@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,8 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::OwnedValue;
 
 use super::{metrics_dict, BUS_NAME, OBJECT_PATH};
+use crate::config_file::LoadError;
+use crate::reload::Reloader;
 use crate::supervisor::{Event, Handle, State};
 
 /// How often the bridge looks at State, SpareReady and PrimaryPid when no event arrives.
@@ -31,6 +33,9 @@ const RETRY: Duration = Duration::from_secs(2);
 /// The object served at [`OBJECT_PATH`].
 pub struct Engine1 {
     sup: Handle,
+    /// The daemon's reloader (shared with SIGHUP); None where there is no configuration to
+    /// reload (a library user such as the benchmarks).
+    reloader: Option<Arc<Mutex<Reloader>>>,
     stopping: Arc<AtomicBool>,
     /// (second of uptime, rejected calls in it), for the log rate limit.
     log_limit: std::sync::Mutex<(u64, u64)>,
@@ -85,6 +90,30 @@ impl Engine1 {
         Ok(())
     }
 
+    /// Re-reads the configuration file and applies the settings that changed and can change
+    /// live; returns their names, the changed ones that need a restart, and what the kernel
+    /// refused (a priority). A bad file changes nothing: InvalidFileContent naming the line.
+    #[zbus(out_args("applied", "needs_restart", "refused"))]
+    async fn reload(&self, #[zbus(signal_emitter)] emitter: SignalEmitter<'_>) -> zbus::fdo::Result<(Vec<String>, Vec<String>, Vec<String>)> {
+        let Some(reloader) = &self.reloader else {
+            return Err(zbus::fdo::Error::NotSupported("this instance has no configuration to reload".into()));
+        };
+        let result = reloader.lock().unwrap_or_else(|p| p.into_inner()).reload_and_log();
+        let report = result.map_err(|e| match e {
+            LoadError::File { .. } | LoadError::Invalid(_) => zbus::fdo::Error::InvalidFileContent(format!("{}; nothing was changed", e.to_string().trim_end())),
+            other => zbus::fdo::Error::Failed(format!("{}; nothing was changed", other.to_string().trim_end())),
+        })?;
+        let names = |l: &[crate::reload::Change]| l.iter().map(|c| c.key.to_owned()).collect::<Vec<_>>();
+        let applied = names(&report.applied);
+        if applied.iter().any(|k| k == "frequency") {
+            let _ = self.frequency_changed(&emitter).await;
+        }
+        if applied.iter().any(|k| k == "gain") {
+            let _ = self.gain_changed(&emitter).await;
+        }
+        Ok((applied, names(&report.needs_restart), report.refused))
+    }
+
     #[zbus(out_args("metrics"))]
     fn get_metrics(&self) -> HashMap<String, OwnedValue> {
         metrics_dict(&self.sup.metrics(), self.sup.config().block_frames)
@@ -130,11 +159,11 @@ pub struct Service {
 impl Service {
     /// Starts the bridge thread, which connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS`
     /// or the standard socket), serves the object and owns [`BUS_NAME`].
-    pub fn start(sup: Handle) -> std::io::Result<Service> {
+    pub fn start(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>) -> std::io::Result<Service> {
         let stopping = Arc::new(AtomicBool::new(false));
         let owned = Arc::new(AtomicBool::new(false));
         let (st, ow) = (stopping.clone(), owned.clone());
-        let thread = std::thread::Builder::new().name("aw-dbus".into()).spawn(move || bridge(sup, st, ow))?;
+        let thread = std::thread::Builder::new().name("aw-dbus".into()).spawn(move || bridge(sup, reloader, st, ow))?;
         Ok(Service { stopping, owned, thread: Some(thread) })
     }
 
@@ -161,8 +190,8 @@ impl Drop for Service {
     }
 }
 
-fn connect(sup: &Handle, stopping: &Arc<AtomicBool>) -> zbus::Result<zbus::blocking::Connection> {
-    let obj = Engine1 { sup: sup.clone(), stopping: stopping.clone(), log_limit: std::sync::Mutex::new((0, 0)) };
+fn connect(sup: &Handle, reloader: &Option<Arc<Mutex<Reloader>>>, stopping: &Arc<AtomicBool>) -> zbus::Result<zbus::blocking::Connection> {
+    let obj = Engine1 { sup: sup.clone(), reloader: reloader.clone(), stopping: stopping.clone(), log_limit: std::sync::Mutex::new((0, 0)) };
     zbus::blocking::connection::Builder::system()?.serve_at(OBJECT_PATH, obj)?.name(BUS_NAME)?.build()
 }
 
@@ -174,7 +203,7 @@ struct Announced {
     primary_pid: u32,
 }
 
-fn bridge(sup: Handle, stopping: Arc<AtomicBool>, owned: Arc<AtomicBool>) {
+fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<AtomicBool>, owned: Arc<AtomicBool>) {
     // Subscribe before connecting, so no failover between the two is missed.
     let events = sup.subscribe();
     let mut warned = false;
@@ -182,7 +211,7 @@ fn bridge(sup: Handle, stopping: Arc<AtomicBool>, owned: Arc<AtomicBool>) {
         if stopping.load(Ordering::Acquire) {
             return;
         }
-        match connect(&sup, &stopping) {
+        match connect(&sup, &reloader, &stopping) {
             Ok(c) => break c,
             Err(e) => {
                 if !warned {

@@ -79,7 +79,8 @@ impl CpalOut {
                 move |data: &mut [f32], _: &::cpal::OutputCallbackInfo| {
                     if first {
                         first = false;
-                        let ok = sys::set_fifo(cb_sh.config.output_priority).is_ok();
+                        cb_sh.live.output_tid.store(sys::gettid(), Ordering::Relaxed);
+                        let ok = sys::set_fifo(cb_sh.live.output_priority.load(Ordering::Relaxed)).is_ok();
                         cb_sh.metrics.output_realtime.store(ok, Ordering::Relaxed);
                     }
                     let mut i = 0;

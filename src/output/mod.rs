@@ -90,7 +90,8 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
         }
         return;
     }
-    let fifo = sys::set_fifo(sh.config.output_priority);
+    sh.live.output_tid.store(sys::gettid(), Ordering::Relaxed);
+    let fifo = sys::set_fifo(sh.live.output_priority.load(Ordering::Relaxed));
     sh.metrics.output_realtime.store(fifo.is_ok(), Ordering::Relaxed);
     let _ = report.send(fifo.map_err(|e| format!("output thread: SCHED_FIFO refused ({e}); playing without real-time priority")));
     drop(report);

@@ -17,6 +17,7 @@
 //! output thread never locks.
 
 mod housekeeping;
+mod live;
 mod monitor;
 mod spawn;
 
@@ -128,6 +129,8 @@ pub(crate) struct Shared {
     pub control: ControlCore,
     pub shm: crate::sys::PiMutex<ShmBook>,
     pub started: Instant,
+    /// Priorities and restart intensity, as last (re)loaded.
+    pub live: live::Live,
 }
 
 impl Shared {
@@ -290,6 +293,21 @@ impl Handle {
         self.shared.metrics.primary_pid.load(Ordering::Relaxed)
     }
 
+    /// New real-time priorities for the output, monitor and render threads, applied to the
+    /// running ones now and to those started later. Returns what the kernel refused, one line
+    /// each.
+    pub fn set_priorities(&self, output: i32, monitor: i32, render: i32) -> Vec<String> {
+        let m = &self.shared.metrics;
+        let workers = [&m.primary_pid, &m.spare_pid, &m.reserve_pid].map(|p| p.load(Ordering::Relaxed));
+        self.shared.live.set_priorities(output, monitor, render, &workers)
+    }
+
+    /// A new restart intensity: more than `max_restarts` worker deaths within `window_s`
+    /// seconds throttle new workers (from the next spawn on).
+    pub fn set_restart_intensity(&self, max_restarts: u32, window_s: u32) {
+        self.shared.live.set_restart_intensity(max_restarts, window_s);
+    }
+
     pub fn state(&self) -> State {
         let sh = &self.shared;
         if !sh.running.load(Ordering::Acquire) {
@@ -430,6 +448,7 @@ impl Supervisor {
             control: ControlCore::new(config.frequency, config.gain),
             shm: crate::sys::PiMutex::new(ShmBook { registry: Some(registry), held: Default::default() }),
             started: Instant::now(),
+            live: live::Live::new(&config),
             config,
         });
         let stop = Arc::new(EventFd::new(true).map_err(StartError::Monitor)?);

@@ -174,7 +174,8 @@ impl Monitor {
     }
 
     pub(crate) fn run(mut self) {
-        match sys::set_fifo(self.sh.config.monitor_priority) {
+        self.sh.live.monitor_tid.store(sys::gettid(), Ordering::Relaxed);
+        match sys::set_fifo(self.sh.live.monitor_priority.load(Ordering::Relaxed)) {
             Ok(()) => self.sh.metrics.monitor_realtime.store(true, Ordering::Relaxed),
             Err(e) => tracing::warn!(THREAD = "monitor", "monitor thread: SCHED_FIFO refused ({e}); running without real-time priority"),
         }
@@ -284,7 +285,7 @@ impl Monitor {
         });
         let fds = WorkerFds { ring: ring_file, ctl: ctl_file, wake: shm.wake.raw(), event: event.raw() };
         let t_spawn = sys::now_ns();
-        let pid = spawn_worker(&self.exe, &fds, self.sh.config.render_priority).map_err(|e| format!("spawn {}: {e}", self.exe.display()))?;
+        let pid = spawn_worker(&self.exe, &fds, self.sh.live.render_priority.load(Ordering::Relaxed)).map_err(|e| format!("spawn {}: {e}", self.exe.display()))?;
         let pidfd = match sys::pidfd_open(pid as i32) {
             Ok(fd) => fd,
             Err(e) => {
@@ -584,24 +585,26 @@ impl Monitor {
         if now < self.spawn_not_before {
             return false;
         }
-        let window = self.sh.config.restart_window_s as u64 * 1_000_000_000;
+        let max_restarts = self.sh.live.max_restarts.load(Ordering::Relaxed);
+        let window_s = self.sh.live.restart_window_s.load(Ordering::Relaxed);
+        let window = window_s as u64 * 1_000_000_000;
         while self.deaths.front().is_some_and(|&d| now.saturating_sub(d) > window) {
             self.deaths.pop_front();
         }
-        if self.deaths.len() > self.sh.config.max_restarts as usize {
+        if self.deaths.len() > max_restarts as usize {
             self.sh.metrics.throttled_spawns.fetch_add(1, Ordering::Relaxed);
             self.spawn_not_before = now + self.backoff_ns;
             tracing::warn!(
                 "{} worker deaths within {} s (limit {}): next worker start in {} ms",
                 self.deaths.len(),
-                self.sh.config.restart_window_s,
-                self.sh.config.max_restarts,
+                window_s,
+                max_restarts,
                 self.backoff_ns / 1_000_000
             );
             self.backoff_ns = (self.backoff_ns * 2).min(MAX_BACKOFF_NS);
             return false;
         }
-        if self.deaths.len() <= self.sh.config.max_restarts as usize / 2 {
+        if self.deaths.len() <= max_restarts as usize / 2 {
             self.backoff_ns = RETRY_NS;
         }
         true

@@ -1,0 +1,63 @@
+//! The settings a reload changes while the audio plays: the threads' real-time priorities and
+//! the restart intensity. Threads read them when they start and workers when they are spawned;
+//! a reload also moves the running threads and workers to the new priorities at once
+//! (sched_setscheduler by kernel thread id, from the reloading thread, never the audio path).
+
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+
+use crate::config::Config;
+use crate::sys;
+
+pub(crate) struct Live {
+    pub output_priority: AtomicI32,
+    pub monitor_priority: AtomicI32,
+    pub render_priority: AtomicI32,
+    pub max_restarts: AtomicU32,
+    pub restart_window_s: AtomicU32,
+    /// Kernel ids of the threads playing (output, or cpal's callback) and monitoring (0 until
+    /// they run).
+    pub output_tid: AtomicI32,
+    pub monitor_tid: AtomicI32,
+}
+
+impl Live {
+    pub fn new(c: &Config) -> Live {
+        Live {
+            output_priority: AtomicI32::new(c.output_priority),
+            monitor_priority: AtomicI32::new(c.monitor_priority),
+            render_priority: AtomicI32::new(c.render_priority),
+            max_restarts: AtomicU32::new(c.max_restarts),
+            restart_window_s: AtomicU32::new(c.restart_window_s),
+            output_tid: AtomicI32::new(0),
+            monitor_tid: AtomicI32::new(0),
+        }
+    }
+
+    /// Stores new priorities, then applies them to the running output and monitor threads and
+    /// to the `workers` (their render loop is the main thread: tid = pid). Stored first, so a
+    /// worker spawned meanwhile already starts at the new priority. Returns what the kernel
+    /// refused, one line each (the setting still holds for threads started later).
+    pub fn set_priorities(&self, output: i32, monitor: i32, render: i32, workers: &[u32]) -> Vec<String> {
+        self.output_priority.store(output, Ordering::Relaxed);
+        self.monitor_priority.store(monitor, Ordering::Relaxed);
+        self.render_priority.store(render, Ordering::Relaxed);
+        let mut targets = vec![
+            ("output thread".to_owned(), self.output_tid.load(Ordering::Relaxed), output),
+            ("monitor thread".to_owned(), self.monitor_tid.load(Ordering::Relaxed), monitor),
+        ];
+        // A dead worker can stay listed for the microseconds between its reaping and the
+        // monitor's next metrics store; pids are handed out in sequence up to pid_max, so its
+        // pid is not reused within that window (a gone one gives ESRCH, reported).
+        targets.extend(workers.iter().filter(|&&p| p != 0).map(|&p| (format!("worker {p}"), p as i32, render)));
+        targets
+            .into_iter()
+            .filter(|(_, tid, _)| *tid > 0)
+            .filter_map(|(what, tid, prio)| sys::set_fifo_of(tid, prio).err().map(|e| format!("{what}: SCHED_FIFO {prio} refused ({e})")))
+            .collect()
+    }
+
+    pub fn set_restart_intensity(&self, max_restarts: u32, window_s: u32) {
+        self.max_restarts.store(max_restarts, Ordering::Relaxed);
+        self.restart_window_s.store(window_s, Ordering::Relaxed);
+    }
+}
