@@ -156,7 +156,9 @@ pub fn default_file_text() -> String {
         "# audiowarden: /etc/audiowarden/audiowarden.toml\n\
          # Every setting of audiowardend, at its default (uncomment to change). Flags given on\n\
          # the command line override this file. Check a file with `audiowardend --check-config`\n\
-         # (or `audiowardend --config FILE --check-config`). Generated from the daemon's flags\n\
+         # (or `audiowardend --config FILE --check-config`). `systemctl reload audiowarden`\n\
+         # (SIGHUP) applies the settings marked [reload] at once; the others need a restart.\n\
+         # Generated from the daemon's flags\n\
          # (`audiowarden::config_file::default_file_text`); a test keeps it in step.\n",
     );
     let cmd = Config::command();
@@ -165,7 +167,10 @@ pub fn default_file_text() -> String {
         if NOT_SETTINGS.contains(&long) {
             continue;
         }
-        let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+        let mut help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+        if crate::reload::LIVE_SETTINGS.contains(&long) {
+            help += " [reload]";
+        }
         out.push('\n');
         for l in wrap(&help, 76) {
             out.push_str(&format!("# {l}\n"));
