@@ -37,10 +37,32 @@ pub enum LoadError {
     Invalid(#[from] crate::config::ConfigError),
 }
 
-/// A setting the file may hold: its long flag name and whether it is an on/off switch.
+/// A setting the file may hold: its long flag name and the TOML type it takes.
 struct Setting {
     long: String,
-    switch: bool,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// An on/off flag: true or false.
+    Switch,
+    /// A number (integer, or float where the flag takes one: clap checks).
+    Number,
+    /// A string (a path, an output, a choice).
+    Text,
+}
+
+fn kind_of(a: &clap::Arg) -> Kind {
+    use std::any::TypeId;
+    let ty = a.get_value_parser().type_id();
+    if matches!(a.get_action(), ArgAction::SetTrue) {
+        Kind::Switch
+    } else if [TypeId::of::<u32>(), TypeId::of::<i32>(), TypeId::of::<u64>(), TypeId::of::<f64>()].iter().any(|t| ty == *t) {
+        Kind::Number
+    } else {
+        Kind::Text
+    }
 }
 
 fn settings() -> Vec<Setting> {
@@ -49,7 +71,7 @@ fn settings() -> Vec<Setting> {
         .filter(|a| !a.is_hide_set())
         .filter_map(|a| {
             let long = a.get_long()?.to_owned();
-            (!NOT_SETTINGS.contains(&long.as_str())).then(|| Setting { switch: matches!(a.get_action(), ArgAction::SetTrue), long })
+            (!NOT_SETTINGS.contains(&long.as_str())).then(|| Setting { kind: kind_of(a), long })
         })
         .collect()
 }
@@ -86,15 +108,19 @@ fn file_args(path: &Path, text: &str) -> Result<Vec<String>, LoadError> {
             let names: Vec<&str> = known.iter().map(|s| s.long.as_str()).collect();
             return Err(err(line, format!("unknown key `{key}` (known: {})", names.join(", "))));
         };
-        let arg = match (value, s.switch) {
-            (toml::Value::Boolean(true), true) => Some(format!("--{long}")),
-            (toml::Value::Boolean(false), true) => None,
-            (_, true) => return Err(err(line, format!("`{key}` must be true or false"))),
-            (toml::Value::String(v), false) => Some(format!("--{long}={v}")),
-            (toml::Value::Integer(v), false) => Some(format!("--{long}={v}")),
-            (toml::Value::Float(v), false) => Some(format!("--{long}={v}")),
-            (toml::Value::Boolean(_), false) => return Err(err(line, format!("`{key}` takes a value, not true or false"))),
-            (_, false) => return Err(err(line, format!("`{key}` must be a single value (a string or a number)"))),
+        let arg = match (value, s.kind) {
+            (toml::Value::Boolean(true), Kind::Switch) => Some(format!("--{long}")),
+            (toml::Value::Boolean(false), Kind::Switch) => None,
+            (_, Kind::Switch) => return Err(err(line, format!("`{key}` must be true or false"))),
+            (toml::Value::Integer(v), Kind::Number) => Some(format!("--{long}={v}")),
+            (toml::Value::Float(v), Kind::Number) => Some(format!("--{long}={v}")),
+            (toml::Value::String(v), Kind::Text) => Some(format!("--{long}={v}")),
+            (toml::Value::Boolean(_), _) => return Err(err(line, format!("`{key}` takes a value, not true or false"))),
+            (toml::Value::String(_), Kind::Number) => return Err(err(line, format!("`{key}` must be a number, without quotes"))),
+            (toml::Value::Integer(_) | toml::Value::Float(_), Kind::Text) => {
+                return Err(err(line, format!("`{key}` must be a string, in quotes")))
+            }
+            (_, _) => return Err(err(line, format!("`{key}` must be a single value (a string or a number)"))),
         };
         if let Some(arg) = arg {
             // Each value on its own, so that a bad one is reported at its line.
@@ -255,6 +281,49 @@ mod tests {
         assert!(m.contains(":2:"), "{m}");
         // Out of range in the file, but the flag overrides it: fine.
         assert!(load_text("sample-rate = 1000\n", &["--sample-rate", "48000"]).is_ok());
+    }
+
+    /// Every setting, with a value of the wrong type and (where it has one) a value outside its
+    /// range: each is refused naming the line it is on and its key.
+    #[test]
+    fn every_setting_refuses_a_wrong_type_and_an_out_of_range_value_at_its_line() {
+        // (key, wrong type, out of range or not one of the choices)
+        let cases: [(&str, &str, Option<&str>); 17] = [
+            ("output", "[1]", Some("\"speakers\"")),
+            ("device-periods", "\"four\"", Some("1")),
+            ("shm-dir", "true", None),
+            ("sample-rate", "\"fast\"", Some("1000")),
+            ("block-frames", "64.5", Some("8")),
+            ("lookahead-blocks", "\"eight\"", Some("65")),
+            ("frequency", "\"A4\"", Some("30000.0")),
+            ("gain", "{ db = -6 }", Some("1.5")),
+            ("standby", "1", Some("\"lukewarm\"")),
+            ("reserve-workers", "\"one\"", Some("2")),
+            ("output-priority", "80.5", Some("100")),
+            ("monitor-priority", "\"high\"", Some("0")),
+            ("render-priority", "false", Some("-1")),
+            ("hang-timeout-blocks", "\"2\"", Some("0")),
+            ("max-restarts", "[100]", Some("0")),
+            ("restart-window-s", "\"10s\"", Some("3601")),
+            ("cpu-latency-qos-us", "\"none\"", Some("-5")),
+        ];
+        let mut keys: Vec<&str> = cases.iter().map(|c| c.0).collect();
+        keys.sort();
+        let mut all = setting_names();
+        all.sort();
+        assert_eq!(keys, all, "every setting needs its bad values here");
+        for (key, wrong_type, out_of_range) in cases {
+            for bad in std::iter::once(wrong_type).chain(out_of_range) {
+                // Two good lines first, so the line number is not trivially 1.
+                let text = format!("# a comment\nblock-frames = 64\n{key} = {bad}\n");
+                let text = if key == "block-frames" { text.replace("block-frames = 64\n", "gain = 0.25\n") } else { text };
+                let m = match load_text(&text, &[]) {
+                    Ok(c) => panic!("{key} = {bad} was accepted: {c:?}"),
+                    Err(e) => e.to_string(),
+                };
+                assert!(m.contains(":3:") && m.contains(key), "{key} = {bad}: {m}");
+            }
+        }
     }
 
     #[test]
