@@ -31,7 +31,12 @@ trap cleanup EXIT
 # system bus). systemd: busctl, journald, journalctl, systemctl, systemd --user,
 # systemd-analyze. util-linux: setpriv, unshare, nsenter. procps: pgrep. jackd2,
 # libasound2-plugins, alsa-utils: the paced ALSA device (jackd dummy + ALSA's JACK plugin).
-need_pkgs=(pkg-config libasound2-dev dbus systemd util-linux procps jackd2 libasound2-plugins alsa-utils)
+# The Debian package (tests/package.sh): dpkg-dev (dpkg-shlibdeps, for cargo-deb's $auto
+# Depends), libxml2-utils (xmllint), libdbus-1-dev (the D-Bus DTDs and their XML catalog),
+# man-db (man; systemd-analyze verify runs it for Documentation=man:), adduser (the postinst
+# without systemd-sysusers).
+need_pkgs=(pkg-config libasound2-dev dbus systemd util-linux procps jackd2 libasound2-plugins alsa-utils
+    dpkg-dev libxml2-utils libdbus-1-dev man-db adduser)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -45,6 +50,11 @@ fi
 # workers, and a 2-core machine is what they are meant to pass on.
 echo "== tests, with real-time scheduling where the machine grants it"
 cargo test --release --all-targets -- --test-threads=1 2>&1 | tee -a "$log"
+
+# Builds the .deb from the release binaries just built, installs it with dpkg, checks it and
+# purges it (needs root).
+echo "== Debian package"
+bash tests/package.sh 2>&1 | tee -a "$log"
 
 if [ "$(id -u)" = 0 ] && [ -w "$cg/cgroup.procs" ] && [ -e "$cg/cpu.rt_runtime_us" ]; then
     echo "== tests again, with SCHED_FIFO refused (cpu cgroup without an RT budget)"
