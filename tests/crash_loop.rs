@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use audiowarden::{OutputSpec, StandbyMode, Supervisor};
@@ -12,22 +11,8 @@ use common::*;
 #[test]
 fn crash_looping_spares_are_throttled_and_audio_keeps_playing() {
     let shm = ShmDir::new("crashloop");
-    let dir = temp_wav("crashloop");
-    // A worker binary that works three times (the first primary, spare and reserve), then
-    // fails at start-up.
-    let script = dir.path.with_extension("sh");
-    let counter = dir.path.with_extension("count");
-    // Three start tickets, taken atomically (mkdir): the workers start concurrently.
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nif mkdir '{c}.1' 2>/dev/null || mkdir '{c}.2' 2>/dev/null || mkdir '{c}.3' 2>/dev/null; then exec '{w}' \"$@\"; fi\nexit 1\n",
-            c = counter.display(),
-            w = env!("CARGO_BIN_EXE_audiowardend")
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let script = crash_loop_worker(dir.path());
     let mut cfg = config(&shm, OutputSpec::Virtual, StandbyMode::Hot, 440.0, 0.25);
     cfg.worker_exe = Some(script);
     cfg.max_restarts = 5;

@@ -303,13 +303,21 @@ check_dbus_interface_xml() {
 
 # Renders (man's own path lookup finds it, groff has no warning) and documents every long
 # flag that `audiowardend --help` lists, and the hand-written sections.
+# Finds page NAME(SECTION) where the package put it and renders it, without warnings, into
+# $tmp/manSECTION.
+render_man() {
+    local name=$1 section=$2 page
+    page=$(man -w "$name") || { fail "man -w $name finds no page"; return 1; }
+    [ "$page" = "/usr/share/man/man$section/$name.$section.gz" ] || fail "man finds $page"
+    zcat "$page" | grep -q "^\.TH $name $section " || fail "no .TH $name $section line"
+    MANWIDTH=200 man --nh --nj --warnings -l "$page" >"$tmp/man$section" 2>"$tmp/man$section.err" || fail "man -l $page failed"
+    grep . "$tmp/man$section.err" && fail "warnings while rendering"
+    return 0
+}
+
 check_man_daemon() {
-    local page flag
-    page=$(man -w audiowardend) || { fail "man -w audiowardend finds no page"; return; }
-    [ "$page" = /usr/share/man/man8/audiowardend.8.gz ] || fail "man finds $page"
-    zcat "$page" | grep -q '^\.TH audiowardend 8 ' || fail "no .TH audiowardend 8 line"
-    MANWIDTH=200 man --nh --nj --warnings -l "$page" >"$tmp/man8" 2>"$tmp/man8.err" || fail "man -l $page failed"
-    grep . "$tmp/man8.err" && fail "warnings while rendering"
+    local flag
+    render_man audiowardend 8 || return
     /usr/bin/audiowardend --help | sed -nE 's/^ +(-[a-zA-Z], )?(--[a-z0-9-]+).*/\2/p' >"$tmp/flags"
     [ "$(wc -l <"$tmp/flags")" -ge 10 ] || fail "found only $(wc -l <"$tmp/flags") flags in audiowardend --help"
     while read -r flag; do
@@ -325,12 +333,8 @@ check_man_daemon() {
 
 # Every subcommand that `audiowardenctl --help` lists is described in the page.
 check_man_ctl() {
-    local page sub
-    page=$(man -w audiowardenctl) || { fail "man -w audiowardenctl finds no page"; return; }
-    [ "$page" = /usr/share/man/man1/audiowardenctl.1.gz ] || fail "man finds $page"
-    zcat "$page" | grep -q '^\.TH audiowardenctl 1 ' || fail "no .TH audiowardenctl 1 line"
-    MANWIDTH=200 man --nh --nj --warnings -l "$page" >"$tmp/man1" 2>"$tmp/man1.err" || fail "man -l $page failed"
-    grep . "$tmp/man1.err" && fail "warnings while rendering"
+    local sub
+    render_man audiowardenctl 1 || return
     /usr/bin/audiowardenctl --help | sed -n '/^Commands:/,/^$/p' | sed -nE 's/^  ([a-z][a-z0-9-]*) .*/\1/p' | grep -vx help >"$tmp/subs"
     [ "$(wc -l <"$tmp/subs")" -ge 5 ] || fail "found only $(wc -l <"$tmp/subs") subcommands in audiowardenctl --help"
     while read -r sub; do

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -117,19 +116,7 @@ fn reload_over_dbus_and_sighup_applies_what_it_reports() {
 fn reloaded_restart_intensity_throttles_a_crash_loop() {
     let shm = ShmDir::new("reload-intensity");
     let dir = tempfile::tempdir().unwrap();
-    // Workers that work three times (primary, spare, reserve), then fail at start-up.
-    let script = dir.path().join("worker.sh");
-    let tickets = dir.path().join("ticket");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nif mkdir '{t}.1' 2>/dev/null || mkdir '{t}.2' 2>/dev/null || mkdir '{t}.3' 2>/dev/null; then exec '{w}' \"$@\"; fi\nexit 1\n",
-            t = tickets.display(),
-            w = env!("CARGO_BIN_EXE_audiowardend")
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = crash_loop_worker(dir.path());
     let file = dir.path().join("audiowarden.toml");
     write(&file, "max-restarts = 1000000\nrestart-window-s = 60\n");
     let args: Vec<std::ffi::OsString> = ["audiowardend", "--output", "virtual", "--config"]

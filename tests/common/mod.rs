@@ -13,6 +13,26 @@ use audiowarden::engine::{render_reference, ControlMsg, CHANNELS};
 use audiowarden::output::wav::read_f32_wav;
 use audiowarden::{Config, MetricsSnapshot, OutputSpec, StandbyMode, Supervisor};
 
+/// A worker executable in `dir` for crash-loop tests: the real worker for the first three
+/// starts (the first primary, spare and reserve), then one that exits 1 at once. The start
+/// tickets are taken atomically (mkdir): the workers start concurrently.
+pub fn crash_loop_worker(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("crash-loop-worker.sh");
+    let t = dir.join("ticket");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif mkdir '{t}.1' 2>/dev/null || mkdir '{t}.2' 2>/dev/null || mkdir '{t}.3' 2>/dev/null; then exec '{w}' \"$@\"; fi\nexit 1\n",
+            t = t.display(),
+            w = env!("CARGO_BIN_EXE_audiowardend")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
 /// A unique shm dir under /dev/shm, removed on drop if the supervisor left anything.
 pub struct ShmDir(pub PathBuf);
 
