@@ -58,6 +58,25 @@ fn busctl_calls_every_method_and_reads_every_property() {
     assert_eq!(dict["control_received"]["data"], 2);
 }
 
+/// dbus-daemon restarts (every connection and name lost): the daemon plays on, notices within
+/// its check interval, connects again and owns its name; the API works as before.
+#[test]
+fn the_daemon_reconnects_after_the_bus_restarts() {
+    let mut bus = PrivateBus::start();
+    let d = Daemon::start(&bus, "bus-restart", &[]);
+    bus.restart();
+    wait_until("the name owned again", Duration::from_secs(10), || {
+        let out = bus.busctl(&["get-property", BUS_NAME, OBJECT_PATH, INTERFACE, "State"]);
+        String::from_utf8_lossy(&out.stdout).trim() == "s \"running\""
+    });
+    ok(&call(&bus, "SetGain", &["d", "0.5"]), "SetGain after the restart");
+    assert_eq!(get_property(&bus, "Gain"), "d 0.5");
+    let log = d.log_text();
+    assert!(log.contains("lost the system bus"), "{log}");
+    let conn = bus.connection();
+    assert_eq!(get_u64(&proxy(&conn).get_metrics().unwrap(), "underruns"), 0);
+}
+
 /// The shipped introspection XML describes the live interface exactly.
 #[test]
 fn live_introspection_matches_the_shipped_xml() {

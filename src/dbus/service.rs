@@ -192,7 +192,8 @@ impl Drop for Service {
 
 fn connect(sup: &Handle, reloader: &Option<Arc<Mutex<Reloader>>>, stopping: &Arc<AtomicBool>) -> zbus::Result<zbus::blocking::Connection> {
     let obj = Engine1 { sup: sup.clone(), reloader: reloader.clone(), stopping: stopping.clone(), log_limit: std::sync::Mutex::new((0, 0)) };
-    zbus::blocking::connection::Builder::system()?.serve_at(OBJECT_PATH, obj)?.name(BUS_NAME)?.build()
+    // Our own calls (the bus check) give up after a while rather than hang on a wedged bus.
+    zbus::blocking::connection::Builder::system()?.method_timeout(RETRY).serve_at(OBJECT_PATH, obj)?.name(BUS_NAME)?.build()
 }
 
 /// What the bridge last announced.
@@ -207,12 +208,24 @@ fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<Ato
     // Subscribe before connecting, so no failover between the two is missed.
     let events = sup.subscribe();
     let mut warned = false;
-    let conn = loop {
-        if stopping.load(Ordering::Acquire) {
-            return;
-        }
+    while !stopping.load(Ordering::Acquire) {
         match connect(&sup, &reloader, &stopping) {
-            Ok(c) => break c,
+            Ok(conn) => {
+                warned = false;
+                owned.store(true, Ordering::Release);
+                tracing::info!(BUS_NAME = BUS_NAME, "D-Bus API on the system bus as {BUS_NAME}");
+                let lost = serve(&conn, &events, &stopping);
+                owned.store(false, Ordering::Release);
+                match lost {
+                    // Stopping: release the name (announced `stopping` first) and disconnect.
+                    None => {
+                        let _ = conn.release_name(BUS_NAME);
+                        return;
+                    }
+                    // The bus went away (dbus-daemon restarted): connect again.
+                    Some(e) => tracing::warn!(BUS_NAME = BUS_NAME, "lost the system bus ({e}); playing on, reconnecting"),
+                }
+            }
             Err(e) => {
                 if !warned {
                     tracing::warn!(
@@ -222,23 +235,32 @@ fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<Ato
                     );
                     warned = true;
                 }
-                let t0 = Instant::now();
-                while t0.elapsed() < RETRY && !stopping.load(Ordering::Acquire) {
-                    // Events are not announced while there is no bus; keep the queue short.
-                    while events.try_recv().is_ok() {}
-                    std::thread::sleep(POLL);
-                }
             }
         }
-    };
-    owned.store(true, Ordering::Release);
-    tracing::info!(BUS_NAME = BUS_NAME, "D-Bus API on the system bus as {BUS_NAME}");
+        let t0 = Instant::now();
+        while t0.elapsed() < RETRY && !stopping.load(Ordering::Acquire) {
+            // Events are not announced while there is no bus; keep the queue short.
+            while events.try_recv().is_ok() {}
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+/// Serves on `conn`: emits Failover for each event and PropertiesChanged for what changed,
+/// and checks every [`RETRY`] that the bus is still there and the name still ours. Returns
+/// None when stopping, or why the bus was lost.
+fn serve(conn: &zbus::blocking::Connection, events: &std::sync::mpsc::Receiver<Event>, stopping: &AtomicBool) -> Option<String> {
     let iface = match conn.object_server().interface::<_, Engine1>(OBJECT_PATH) {
         Ok(i) => i,
-        Err(e) => {
-            tracing::error!("D-Bus object missing after registration: {e}");
-            return;
-        }
+        Err(e) => return Some(format!("D-Bus object missing after registration: {e}")),
+    };
+    let driver = match zbus::blocking::fdo::DBusProxy::new(conn) {
+        Ok(d) => d,
+        Err(e) => return Some(e.to_string()),
+    };
+    let name: zbus::names::BusName<'_> = match BUS_NAME.try_into() {
+        Ok(n) => n,
+        Err(e) => return Some(format!("{BUS_NAME}: {e}")),
     };
     let emitter = iface.signal_emitter().clone();
     let current = |iface: &zbus::blocking::object_server::InterfaceRef<Engine1>| {
@@ -246,6 +268,7 @@ fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<Ato
         Announced { state: o.current_state(), spare_ready: o.spare_ready(), primary_pid: o.primary_pid() }
     };
     let mut last = current(&iface);
+    let mut last_check = Instant::now();
     loop {
         let stop = stopping.load(Ordering::Acquire);
         match events.recv_timeout(POLL) {
@@ -256,7 +279,7 @@ fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<Ato
                 }
             }
             Ok(_) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Disconnected) => return None,
         }
         let now = current(&iface);
         if now != last {
@@ -279,10 +302,17 @@ fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<Ato
             last = now;
         }
         if stop {
-            // `stopping` was announced above; now release the name and disconnect.
-            break;
+            // `stopping` was announced above.
+            return None;
+        }
+        if last_check.elapsed() >= RETRY {
+            last_check = Instant::now();
+            // A round trip to the bus driver: fails once dbus-daemon is gone.
+            match driver.get_name_owner(name.clone()) {
+                Ok(owner) if conn.unique_name().is_some_and(|me| owner.as_str() == me.as_str()) => {}
+                Ok(owner) => return Some(format!("{BUS_NAME} is now owned by {owner}")),
+                Err(e) => return Some(e.to_string()),
+            }
         }
     }
-    owned.store(false, Ordering::Release);
-    let _ = conn.release_name(BUS_NAME);
 }

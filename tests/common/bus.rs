@@ -25,6 +25,8 @@ pub struct PrivateBus {
     pub dir: tempfile::TempDir,
     pub address: String,
     child: Child,
+    conf: PathBuf,
+    sock: PathBuf,
 }
 
 impl PrivateBus {
@@ -44,16 +46,17 @@ impl PrivateBus {
         conf = conf.replacen("</busconfig>", &tail, 1);
         let conf_path = dir.path().join("system.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", conf_path.display()))
-            .arg("--nofork")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn dbus-daemon");
-        wait_until("the private bus socket", Duration::from_secs(5), || sock.exists());
-        PrivateBus { address: format!("unix:path={}", sock.display()), dir, child }
+        let child = spawn_dbus_daemon(&conf_path, &sock);
+        PrivateBus { address: format!("unix:path={}", sock.display()), dir, child, conf: conf_path, sock }
+    }
+
+    /// Kills the dbus-daemon and starts a new one on the same socket (as `systemctl restart
+    /// dbus` would): every connection is lost, names with it.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+        self.child = spawn_dbus_daemon(&self.conf, &self.sock);
     }
 
     /// A command with DBUS_SYSTEM_BUS_ADDRESS pointing here.
@@ -71,6 +74,19 @@ impl PrivateBus {
     pub fn connection(&self) -> zbus::blocking::Connection {
         zbus::blocking::connection::Builder::address(self.address.as_str()).expect("address").build().expect("connect to the private bus")
     }
+}
+
+fn spawn_dbus_daemon(conf: &Path, sock: &Path) -> Child {
+    let child = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", conf.display()))
+        .arg("--nofork")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn dbus-daemon");
+    wait_until("the private bus socket", Duration::from_secs(5), || sock.exists());
+    child
 }
 
 impl Drop for PrivateBus {
