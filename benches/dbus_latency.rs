@@ -8,6 +8,7 @@
 //!   - the first affected sample: the stamped frame minus the output's frame at the call,
 //!     in samples, and the wall-clock time until the block holding that frame went to the
 //!     output (observed by polling the output position), in µs.
+//!
 //! Baseline, in the same run: the same change through the in-process `Control` handle (no
 //! D-Bus), and a D-Bus round trip that changes nothing (Peer.Ping).
 //! Calls are spaced by a random 1-3 ms so they land at every phase of a block.

@@ -164,7 +164,11 @@ pub fn load(cli: impl IntoIterator<Item = impl Into<OsString> + Clone>) -> Resul
     finish(config, Some((&path, &text, &overridden as &dyn Fn(&str) -> bool)))
 }
 
-fn finish(config: Config, file: Option<(&Path, &str, &dyn Fn(&str) -> bool)>) -> Result<Config, LoadError> {
+/// The file a configuration came from: its path, its text, and whether a key was overridden
+/// on the command line.
+type Source<'a> = (&'a Path, &'a str, &'a dyn Fn(&str) -> bool);
+
+fn finish(config: Config, file: Option<Source<'_>>) -> Result<Config, LoadError> {
     match config.validate() {
         Ok(()) => Ok(config),
         Err(e) => match file {
