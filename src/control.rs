@@ -30,6 +30,11 @@ pub enum ControlError {
     InvalidGain { value: f64 },
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// A worker's control ring is full of changes not yet due (a flood of calls with long
+    /// blocks): refused rather than queued, since a worker that misses a change would have
+    /// to be replaced. Retrying after a block succeeds.
+    #[error("busy: {pending} changes are already waiting for their frame; retry shortly")]
+    Busy { pending: u32 },
 }
 
 pub fn validate_frequency(hz: f64, sample_rate: u32) -> Result<(), ControlError> {
@@ -226,6 +231,12 @@ impl Control {
         let mut st = sh.control.lock();
         if st.stopping {
             return Err(ControlError::ShuttingDown);
+        }
+        // Backpressure: only the workers free room (they consume), so room seen here under
+        // the lock is still there at the push below.
+        if st.targets.iter().any(|t| t.ctl.is_full()) {
+            sh.metrics.control_busy.fetch_add(1, Ordering::Relaxed);
+            return Err(ControlError::Busy { pending: crate::supervisor::CONTROL_CAPACITY });
         }
         // Stamp beyond anything a worker may have rendered: workers stay within `lookahead`
         // blocks of the output position; STAMP_MARGIN_BLOCKS more absorb the time until the

@@ -169,3 +169,47 @@ fn realtime_refusal_is_a_degradation_reported_in_the_metrics() {
     assert_eq!(m.realtime, granted, "metrics say realtime={} but the machine grants FIFO: {granted}", m.realtime);
     assert!(m.frames_played > 0);
 }
+
+/// A flood of valid changes with long blocks (4096 frames: changes wait about a second for
+/// their frame) fills the workers' control rings: the excess is refused as Busy, no worker
+/// misses a change or is replaced, and the audio plays on.
+#[test]
+fn a_flood_that_fills_the_control_rings_is_refused_as_busy() {
+    let shm = ShmDir::new("busy");
+    let mut cfg = config(&shm, OutputSpec::Virtual, StandbyMode::Hot, 440.0, 0.25);
+    cfg.block_frames = 4096;
+    let sup = Supervisor::start(cfg).expect("start");
+    let ctl = sup.control();
+    let (mut accepted, mut busy, mut last) = (0u64, 0u64, 0.0);
+    for i in 0..20_000u32 {
+        let hz = 100.0 + (i % 1000) as f64;
+        match ctl.set_frequency(hz) {
+            Ok(_) => (accepted, last) = (accepted + 1, hz),
+            Err(ControlError::Busy { .. }) => busy += 1,
+            Err(e) => panic!("{e}"),
+        }
+        if busy >= 100 {
+            break;
+        }
+    }
+    assert!(busy >= 100, "20000 calls in a row never filled a ring ({accepted} accepted)");
+    assert_eq!(ctl.frequency(), last, "the last accepted change is the one in force");
+    // Once the workers have taken the waiting changes (a block or two), calls succeed again.
+    wait_until("room again", Duration::from_secs(5), || match ctl.set_frequency(880.0) {
+        Ok(_) => true,
+        Err(_) => {
+            busy += 1;
+            false
+        }
+    });
+    accepted += 1;
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = sup.metrics();
+    sup.shutdown().unwrap();
+    assert_eq!(m.control_undelivered, 0, "a worker missed a change: {m:?}");
+    assert_eq!((m.crash_count, m.replacements), (0, 0), "no worker replaced: {m:?}");
+    assert_eq!(m.control_busy, busy, "{m:?}");
+    assert_eq!(m.control_received, accepted);
+    assert_eq!(m.control_received, m.control_applied + m.control_coalesced, "{m:?}");
+    assert_eq!(m.underruns, 0);
+}

@@ -101,6 +101,7 @@ pub fn metrics_dict(m: &MetricsSnapshot, block_frames: u32) -> HashMap<String, O
     put("control_applied", m.control_applied.into());
     put("control_coalesced", m.control_coalesced.into());
     put("control_rejected", m.control_rejected.into());
+    put("control_busy", m.control_busy.into());
     put("control_undelivered", m.control_undelivered.into());
     put("control_late", m.control_late.into());
     put("control_latency_p95_samples", u(m.control_latency_p95_samples));
@@ -138,6 +139,7 @@ pub const REQUIRED_METRICS: &[(&str, &str)] = &[
     ("control_received", "t"),
     ("control_applied", "t"),
     ("control_coalesced", "t"),
+    ("control_busy", "t"),
     ("control_latency_p95_samples", "u"),
     ("control_latency_p99_samples", "u"),
     ("primary_pid", "u"),

@@ -68,7 +68,11 @@ impl Engine1 {
         if lim.1 <= LOG_BURST {
             tracing::warn!(METHOD = method, VALUE = value, "rejected {method}({value}): {e}");
         }
-        zbus::fdo::Error::InvalidArgs(e.to_string())
+        match e {
+            crate::ControlError::Busy { .. } => zbus::fdo::Error::LimitsExceeded(e.to_string()),
+            crate::ControlError::ShuttingDown => zbus::fdo::Error::Failed(e.to_string()),
+            _ => zbus::fdo::Error::InvalidArgs(e.to_string()),
+        }
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Metrics {
     /// Messages superseded by a later one stamped for the same frame (see control.rs).
     pub control_coalesced: AtomicU64,
     pub control_rejected: AtomicU64,
+    /// Changes refused because a worker's control ring was full (see ControlError::Busy).
+    pub control_busy: AtomicU64,
     /// Deliveries that found a worker's control ring full (the worker gets a replay later).
     pub control_undelivered: AtomicU64,
     /// Highest count of messages a worker applied after their stamped frame (should stay 0).
@@ -89,6 +91,7 @@ impl Default for Metrics {
             control_received: AtomicU64::new(0),
             control_coalesced: AtomicU64::new(0),
             control_rejected: AtomicU64::new(0),
+            control_busy: AtomicU64::new(0),
             control_undelivered: AtomicU64::new(0),
             control_late: AtomicU64::new(0),
             primary_pid: AtomicU32::new(0),
@@ -138,6 +141,7 @@ pub struct MetricsSnapshot {
     pub control_applied: u64,
     pub control_coalesced: u64,
     pub control_rejected: u64,
+    pub control_busy: u64,
     pub control_undelivered: u64,
     pub control_late: u64,
     pub control_latency_p95_samples: u64,
@@ -202,6 +206,7 @@ impl Metrics {
             // subtracts the coalesced ones.
             control_applied: r(&self.played_seq),
             control_rejected: r(&self.control_rejected),
+            control_busy: r(&self.control_busy),
             control_undelivered: r(&self.control_undelivered),
             control_late: r(&self.control_late),
             control_latency_p95_samples: lat.p95 as u64,

@@ -116,6 +116,14 @@ impl ControlRing {
         true
     }
 
+    /// Producer: no room for another message (the worker has not taken the earlier ones yet).
+    /// A garbage `tail` is not "full": `push` then reports the worker as broken.
+    pub fn is_full(&self) -> bool {
+        let h = self.header();
+        let (head, tail) = (h.head.0.load(Ordering::Relaxed), h.tail.0.load(Ordering::Acquire));
+        tail <= head && head - tail >= self.capacity as u64
+    }
+
     /// Consumer: takes the oldest message, if any. Real-time safe.
     pub fn pop(&self) -> Option<ControlMsg> {
         let h = self.header();
