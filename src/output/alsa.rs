@@ -71,7 +71,11 @@ impl AlsaOut {
     /// The device cannot be opened, or refuses the rate, channels, access or formats.
     pub fn open(name: &str, rate: u32, block_frames: u32, periods: u32) -> Result<AlsaOut, OpenError> {
         let err = |what| move |source| OpenError { name: name.to_owned(), what, source };
-        let pcm = PCM::new(name, Direction::Playback, false).map_err(err("open"))?;
+        // Non-blocking: a blocking open of a device another program holds waits until it is
+        // released (the kernel's open_wait), which would wedge start-up or, on a reopen, the
+        // output thread and its virtual clock. Busy is EBUSY now, retried with backoff. Writes
+        // stay paced: `write` is only called once `wait_room` found room, and waits on EAGAIN.
+        let pcm = PCM::new(name, Direction::Playback, true).map_err(err("open"))?;
         let format;
         let (period, buffer);
         {
@@ -171,6 +175,13 @@ impl AlsaOut {
             };
             match r {
                 Ok(n) => done += n,
+                // The device took less than `wait_room` promised (a plugin's own pacing):
+                // wait for room like `wait_room` does.
+                Err(e) if e.errno() == libc::EAGAIN => match self.pcm.wait(Some(STALL_MS)) {
+                    Ok(true) => {}
+                    Ok(false) => return Err(DeviceError::Gone(libc::ETIMEDOUT)),
+                    Err(e) => return Err(self.classify(e)),
+                },
                 Err(e) => return Err(self.classify(e)),
             }
         }
