@@ -17,6 +17,18 @@ use clap_complete::Shell;
 use clap_mangen::roff::{bold, roman, Roff};
 use clap_mangen::Man;
 
+/// The daemon page's DESCRIPTION (clap's one-line about is too short for a man page).
+const DAEMON_DESCRIPTION: &str = "audiowardend is an audio service whose audio never stops. The \
+supervisor (this process, the main process of audiowarden.service) plays to the sound card from a \
+real-time output thread; the audio engine (a stereo sine oscillator with frequency and gain) \
+renders ahead in worker processes through shared memory, with a pre-warmed standby. When a \
+worker crashes, hangs or is killed, the supervisor notices through its pidfd (or a stalled \
+heartbeat) and the standby continues the stream sample-exactly: no underrun, no click. A new \
+standby is built and every shared-memory segment reclaimed.\n\n\
+It is controlled over D-Bus on the system bus (name org.audiowarden.Engine1: SetFrequency, \
+SetGain, GetMetrics, Reload), for example with audiowardenctl(1) or busctl(1), and logs to the \
+journal. Run it as a service: systemctl enable --now audiowarden.";
+
 /// The daemon's sections that clap does not know, after the generated ones.
 const DAEMON_EXTRA: &str = r#".SH FILES
 .TP
@@ -62,7 +74,7 @@ fn main() -> io::Result<()> {
     let dir = Path::new(&dir);
     std::fs::create_dir_all(dir)?;
 
-    let daemon = Config::command();
+    let daemon = Config::command().long_about(DAEMON_DESCRIPTION);
     let mut f = File::create(dir.join("audiowardend.8"))?;
     Man::new(daemon.clone()).section("8").manual("System Administration").render(&mut f)?;
     f.write_all(DAEMON_EXTRA.as_bytes())?;
