@@ -170,13 +170,24 @@ fn list_outputs_shows_every_alsa_playback_pcm_and_cpal_devices() {
 /// reopened, and the daemon plays into it again and stops cleanly.
 #[test]
 fn a_device_that_disappears_is_reopened_and_playing_resumes() {
+    device_loss_and_return("alsa:awcapture", "alsa-gone");
+}
+
+/// The same through cpal: the stream stalls when its JACK server stops, is retired, and a new
+/// one is built once the device is back.
+#[test]
+fn a_cpal_stream_whose_device_disappears_is_rebuilt_and_playing_resumes() {
+    device_loss_and_return("cpal:awcapture", "cpal-gone");
+}
+
+fn device_loss_and_return(output: &str, tag: &str) {
     // A second server keeps JACK's shared registry in /dev/shm alive while ours restarts:
     // libjack in the daemon keeps the registry it mapped and cannot connect to a server that
     // registered in a new one.
     let _keeper = JackServer::start();
     let mut jack = JackServer::start();
     let bus = PrivateBus::start();
-    let mut d = Daemon::start_with_env(&bus, "alsa-gone", &["--output", "alsa:awcapture"], &jack.env());
+    let mut d = Daemon::start_with_env(&bus, tag, &["--output", output], &jack.env());
     let conn = bus.connection();
     let p = proxy(&conn);
     std::thread::sleep(Duration::from_millis(500));

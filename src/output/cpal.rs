@@ -5,9 +5,11 @@
 //!
 //! Audio thread code (the callback): after the stream is built nothing allocates, locks or
 //! logs; the callback asks for SCHED_FIFO on its first call and reports through atomics.
-//! cpal's xrun errors count into `device_xruns`.
+//! cpal's xrun errors count into `device_xruns`. A stream that breaks or stalls is retired and
+//! rebuilt (see [`CpalOut::run`]); meanwhile this module's thread plays the virtual clock, on a
+//! degraded path that may allocate (a new player and stream).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +47,36 @@ pub fn list_outputs() -> Vec<(String, String)> {
         .collect()
 }
 
+/// A stream that makes no callback for this long has stopped.
+const STALL_NS: u64 = 500_000_000;
+/// Rebuilding a lost stream: first attempt after this, doubling up to the max.
+const REBUILD_FIRST_NS: u64 = 100_000_000;
+const REBUILD_MAX_NS: u64 = 2_000_000_000;
+
+/// Between one stream's callback and the output thread.
+#[derive(Default)]
+struct Link {
+    /// Callbacks so far (the output thread's proof that the stream plays).
+    callbacks: AtomicU64,
+    /// cpal reported the stream broken.
+    broken: AtomicBool,
+    /// The stream was given up: its callback (if it ever runs again) plays silence and leaves
+    /// the engine alone, since another player now advances it.
+    retired: AtomicBool,
+    /// The callback is running.
+    inside: AtomicBool,
+}
+
+impl Link {
+    /// After this returns, the callback will not touch the engine again.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        while self.inside.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 /// A cpal device, checked at start-up; the stream is built on the output thread.
 pub struct CpalOut {
     device: ::cpal::Device,
@@ -58,25 +90,95 @@ impl CpalOut {
         Ok(CpalOut { device: find(name)?, name: name.to_owned() })
     }
 
-    /// Plays until the supervisor stops. Returns an error if the stream cannot be built.
+    /// Plays until the supervisor stops. Returns an error if the first stream cannot be built.
+    ///
+    /// A stream that breaks (cpal reports the device gone) or stalls (no callback for
+    /// [`STALL_NS`]: a JACK server that went away leaves its clients waiting, without an error)
+    /// is retired; this thread then plays the virtual clock (the engine keeps going, the state is
+    /// degraded) and builds a new stream with backoff, as the ALSA output reopens its device.
     pub(crate) fn run(self, sh: Arc<Shared>, buffers: Buffers) -> Result<(), String> {
+        let mut link = Arc::new(Link::default());
+        let mut stream = self.build(&sh, Player::new(sh.clone(), buffers), &link)?;
+        let mut seen = (0, sys::now_ns());
+        // Device lost: (next rebuild attempt, backoff), and the virtual clock playing meanwhile.
+        let mut lost: Option<(u64, u64)> = None;
+        let mut clock = Player::new(sh.clone(), Buffers::new(sh.geo.samples_per_block())).without_test_fault();
+        let (bf, sr) = (sh.config.block_frames as u128, sh.config.sample_rate as u128);
+        let (mut start, mut period) = (0u64, 0u64);
+        while sh.running.load(Ordering::Acquire) {
+            let Some((when, backoff)) = lost else {
+                std::thread::sleep(Duration::from_millis(20));
+                let (calls, now) = (link.callbacks.load(Ordering::Relaxed), sys::now_ns());
+                if calls != seen.0 {
+                    seen = (calls, now);
+                }
+                let stalled = now.saturating_sub(seen.1) > STALL_NS;
+                if stalled || link.broken.load(Ordering::Acquire) {
+                    link.retire();
+                    match stream.take() {
+                        // Its callback thread is stuck in the device: closing it could crash
+                        // the device library (seen with JACK for ALSA), so it is leaked.
+                        Some(s) if stalled => std::mem::forget(s),
+                        other => drop(other),
+                    }
+                    sh.output_degraded.store(true, Ordering::Release);
+                    sh.metrics.device_losses.fetch_add(1, Ordering::Relaxed);
+                    lost = Some((now + REBUILD_FIRST_NS, REBUILD_FIRST_NS * 2));
+                    (start, period) = (now, 0);
+                }
+                continue;
+            };
+            period += 1;
+            let deadline = start + (period as u128 * bf * 1_000_000_000 / sr) as u64;
+            sys::sleep_until_ns(deadline);
+            clock.next(deadline);
+            if deadline < when {
+                continue;
+            }
+            let fresh = Arc::new(Link::default());
+            let player = Player::new(sh.clone(), Buffers::new(sh.geo.samples_per_block())).without_test_fault();
+            match find(&self.name).map(|device| CpalOut { device, name: self.name.clone() }).and_then(|c| c.build(&sh, player, &fresh)) {
+                Ok(s) => {
+                    (stream, link, lost) = (s, fresh, None);
+                    seen = (0, sys::now_ns());
+                    sh.output_degraded.store(false, Ordering::Release);
+                }
+                Err(_) => lost = Some((deadline + backoff, (backoff * 2).min(REBUILD_MAX_NS))),
+            }
+        }
+        link.retire();
+        drop(stream);
+        Ok(())
+    }
+
+    /// Builds and starts a stream whose callback plays through `player` and reports to `link`.
+    fn build(&self, sh: &Arc<Shared>, mut player: Player, link: &Arc<Link>) -> Result<Option<::cpal::Stream>, String> {
         let config = ::cpal::StreamConfig {
             channels: 2,
             sample_rate: sh.config.sample_rate,
             buffer_size: ::cpal::BufferSize::Fixed(sh.config.block_frames),
         };
-        let mut player = Player::new(sh.clone(), buffers);
         // The block being consumed, and how much of it is left.
         let mut current = vec![0.0f32; sh.geo.samples_per_block()];
         let mut used = current.len();
         let mut first = true;
         let cb_sh = sh.clone();
         let err_sh = sh.clone();
+        let cb_link = link.clone();
+        let err_link = link.clone();
         let stream = self
             .device
             .build_output_stream(
                 config,
                 move |data: &mut [f32], _: &::cpal::OutputCallbackInfo| {
+                    // Dekker with `Link::retire`: either we see `retired`, or it sees us inside.
+                    cb_link.inside.store(true, Ordering::SeqCst);
+                    if cb_link.retired.load(Ordering::SeqCst) {
+                        data.fill(0.0);
+                        cb_link.inside.store(false, Ordering::SeqCst);
+                        return;
+                    }
+                    cb_link.callbacks.fetch_add(1, Ordering::Relaxed);
                     if first {
                         first = false;
                         cb_sh.live.output_tid.store(sys::gettid(), Ordering::Relaxed);
@@ -94,24 +196,21 @@ impl CpalOut {
                         i += n;
                         used += n;
                     }
+                    cb_link.inside.store(false, Ordering::SeqCst);
                 },
                 move |e: ::cpal::Error| {
                     if e.kind() == ::cpal::ErrorKind::Xrun {
                         err_sh.metrics.device_xruns.fetch_add(1, Ordering::Relaxed);
                     } else {
-                        // The stream is broken (device gone, invalidated): nothing plays, say so.
-                        err_sh.metrics.device_losses.fetch_add(1, Ordering::Relaxed);
-                        err_sh.output_degraded.store(true, Ordering::Release);
+                        // The stream is broken (device gone, invalidated): the output thread
+                        // retires it and builds another.
+                        err_link.broken.store(true, Ordering::Release);
                     }
                 },
                 None,
             )
             .map_err(|e| format!("cpal: cannot build the output stream on {}: {e}", self.name))?;
         stream.play().map_err(|e| format!("cpal: cannot start {}: {e}", self.name))?;
-        while sh.running.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        drop(stream);
-        Ok(())
+        Ok(Some(stream))
     }
 }
