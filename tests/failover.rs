@@ -19,7 +19,7 @@ fn three_random_kills(standby: StandbyMode, tag: &str) {
         let victim = sup.metrics().primary_pid;
         signal(victim, libc::SIGKILL);
         let m = wait_rebuilt(&sup, n);
-        assert_ne!(m.primary_pid, victim);
+        assert_ne!(m.primary_pid, victim, "kill {n}: {m:?}");
     }
     std::thread::sleep(Duration::from_millis(200));
     let m = sup.metrics();

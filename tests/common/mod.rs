@@ -13,6 +13,12 @@ use audiowarden::engine::{render_reference, ControlMsg, CHANNELS};
 use audiowarden::output::wav::read_f32_wav;
 use audiowarden::{Config, MetricsSnapshot, OutputSpec, StandbyMode, Supervisor};
 
+/// The supervisor's log (worker deaths, hangs, failovers) into the test's captured output,
+/// which the harness prints when the test fails.
+pub fn capture_logs() {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
+}
+
 /// A worker executable in `dir` for crash-loop tests: the real worker for the first three
 /// starts (the first primary, spare and reserve), then one that exits 1 at once. The start
 /// tickets are taken atomically (mkdir): the workers start concurrently.
@@ -51,6 +57,7 @@ impl Drop for ShmDir {
 }
 
 pub fn config(shm: &ShmDir, output: OutputSpec, standby: StandbyMode, freq: f64, gain: f64) -> Config {
+    capture_logs();
     Config {
         shm_dir: shm.0.clone(),
         output,
