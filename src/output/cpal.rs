@@ -102,7 +102,7 @@ impl CpalOut {
         let mut seen = (0, sys::now_ns());
         // Device lost: (next rebuild attempt, backoff), and the virtual clock playing meanwhile.
         let mut lost: Option<(u64, u64)> = None;
-        let mut clock = Player::new(sh.clone(), Buffers::new(sh.geo.samples_per_block())).without_test_fault();
+        let mut clock = Player::new(sh.clone(), Buffers::new_locked(sh.geo.samples_per_block())).without_test_fault();
         let (bf, sr) = (sh.config.block_frames as u128, sh.config.sample_rate as u128);
         let (mut start, mut period) = (0u64, 0u64);
         while sh.running.load(Ordering::Acquire) {
@@ -136,7 +136,7 @@ impl CpalOut {
                 continue;
             }
             let fresh = Arc::new(Link::default());
-            let player = Player::new(sh.clone(), Buffers::new(sh.geo.samples_per_block())).without_test_fault();
+            let player = Player::new(sh.clone(), Buffers::new_locked(sh.geo.samples_per_block())).without_test_fault();
             match find(&self.name).map(|device| CpalOut { device, name: self.name.clone() }).and_then(|c| c.build(&sh, player, &fresh)) {
                 Ok(s) => {
                     (stream, link, lost) = (s, fresh, None);
@@ -160,6 +160,8 @@ impl CpalOut {
         };
         // The block being consumed, and how much of it is left.
         let mut current = vec![0.0f32; sh.geo.samples_per_block()];
+        // Pinned: a rebuilt stream's buffer is allocated after start-up's mlockall.
+        let _ = sys::mlock(current.as_ptr().cast(), std::mem::size_of_val(&current[..]));
         let mut used = current.len();
         let mut first = true;
         let cb_sh = sh.clone();

@@ -68,6 +68,16 @@ impl Buffers {
     pub(crate) fn new(samples_per_block: usize) -> Buffers {
         Buffers { block: vec![0.0; samples_per_block], silence: vec![0.0; samples_per_block] }
     }
+
+    /// New buffers pinned in memory, for a player made after start-up's mlockall (which pins
+    /// only what existed then). Best effort, like mlockall.
+    pub(crate) fn new_locked(samples_per_block: usize) -> Buffers {
+        let b = Buffers::new(samples_per_block);
+        for v in [&b.block, &b.silence] {
+            let _ = sys::mlock(v.as_ptr().cast(), std::mem::size_of_val(&v[..]));
+        }
+        b
+    }
 }
 
 /// Reopening a device that went away: first retry after this, doubling up to the max.
