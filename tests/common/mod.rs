@@ -94,7 +94,7 @@ pub fn wait_rebuilt(sup: &Supervisor, n: u64) -> MetricsSnapshot {
     let mut m = sup.metrics();
     wait_until(&format!("replacement {n} and a ready spare"), Duration::from_secs(5), || {
         m = sup.metrics();
-        m.replacements >= n && m.spare_ready
+        m.crash_count >= n && m.replacements >= n && m.spare_ready
     });
     m
 }
