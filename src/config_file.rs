@@ -60,8 +60,20 @@ fn kind_of(a: &clap::Arg) -> Kind {
         Kind::Switch
     } else if [TypeId::of::<u32>(), TypeId::of::<i32>(), TypeId::of::<u64>(), TypeId::of::<f64>()].iter().any(|t| ty == *t) {
         Kind::Number
-    } else {
+    } else if [
+        TypeId::of::<String>(),
+        TypeId::of::<std::path::PathBuf>(),
+        TypeId::of::<crate::config::OutputSpec>(),
+        TypeId::of::<crate::config::StandbyMode>(),
+    ]
+    .iter()
+    .any(|t| ty == *t)
+    {
         Kind::Text
+    } else {
+        // A new flag of another type: say here whether the file writes it as a number or a
+        // string (the tests reach this for every setting).
+        panic!("--{}: add its value type to config_file::kind_of", a.get_long().unwrap_or("?"))
     }
 }
 

@@ -34,7 +34,7 @@ pub enum ControlError {
     /// blocks): refused rather than queued, since a worker that misses a change would have
     /// to be replaced. Retrying after a block succeeds.
     #[error("busy: {pending} changes are already waiting for their frame; retry shortly")]
-    Busy { pending: u32 },
+    Busy { pending: u64 },
 }
 
 pub fn validate_frequency(hz: f64, sample_rate: u32) -> Result<(), ControlError> {
@@ -232,11 +232,14 @@ impl Control {
         if st.stopping {
             return Err(ControlError::ShuttingDown);
         }
-        // Backpressure: only the workers free room (they consume), so room seen here under
-        // the lock is still there at the push below.
-        if st.targets.iter().any(|t| t.ctl.is_full()) {
+        // Backpressure. Changes accepted but not yet heard are bounded by a control ring's
+        // capacity, so that replaying them into a new worker's empty ring always fits; and no
+        // ring may be full (only the workers free room, so room seen here under the lock is
+        // still there at the push below).
+        let in_flight = (st.next_seq - 1).saturating_sub(sh.metrics.played_seq.load(Ordering::Relaxed));
+        if in_flight >= crate::supervisor::CONTROL_CAPACITY as u64 || st.targets.iter().any(|t| t.ctl.is_full()) {
             sh.metrics.control_busy.fetch_add(1, Ordering::Relaxed);
-            return Err(ControlError::Busy { pending: crate::supervisor::CONTROL_CAPACITY });
+            return Err(ControlError::Busy { pending: in_flight });
         }
         // Stamp beyond anything a worker may have rendered: workers stay within `lookahead`
         // blocks of the output position; STAMP_MARGIN_BLOCKS more absorb the time until the

@@ -81,16 +81,14 @@ impl Engine1 {
 #[zbus::interface(name = "org.audiowarden.Engine1", spawn = false)]
 impl Engine1 {
     /// Queues a frequency change; returns once every worker has it.
-    async fn set_frequency(&self, hz: f64, #[zbus(signal_emitter)] emitter: SignalEmitter<'_>) -> zbus::fdo::Result<()> {
+    fn set_frequency(&self, hz: f64) -> zbus::fdo::Result<()> {
         self.sup.control().set_frequency(hz).map_err(|e| self.rejected("SetFrequency", hz, &e))?;
-        let _ = self.frequency_changed(&emitter).await;
         Ok(())
     }
 
     /// Queues a linear gain change; returns once every worker has it.
-    async fn set_gain(&self, gain: f64, #[zbus(signal_emitter)] emitter: SignalEmitter<'_>) -> zbus::fdo::Result<()> {
+    fn set_gain(&self, gain: f64) -> zbus::fdo::Result<()> {
         self.sup.control().set_gain(gain).map_err(|e| self.rejected("SetGain", gain, &e))?;
-        let _ = self.gain_changed(&emitter).await;
         Ok(())
     }
 
@@ -98,7 +96,7 @@ impl Engine1 {
     /// live; returns their names, the changed ones that need a restart, and what the kernel
     /// refused (a priority). A bad file changes nothing: InvalidFileContent naming the line.
     #[zbus(out_args("applied", "needs_restart", "refused"))]
-    async fn reload(&self, #[zbus(signal_emitter)] emitter: SignalEmitter<'_>) -> zbus::fdo::Result<(Vec<String>, Vec<String>, Vec<String>)> {
+    fn reload(&self) -> zbus::fdo::Result<(Vec<String>, Vec<String>, Vec<String>)> {
         let Some(reloader) = &self.reloader else {
             return Err(zbus::fdo::Error::NotSupported("this instance has no configuration to reload".into()));
         };
@@ -108,14 +106,7 @@ impl Engine1 {
             other => zbus::fdo::Error::Failed(format!("{}; nothing was changed", other.to_string().trim_end())),
         })?;
         let names = |l: &[crate::reload::Change]| l.iter().map(|c| c.key.to_owned()).collect::<Vec<_>>();
-        let applied = names(&report.applied);
-        if applied.iter().any(|k| k == "frequency") {
-            let _ = self.frequency_changed(&emitter).await;
-        }
-        if applied.iter().any(|k| k == "gain") {
-            let _ = self.gain_changed(&emitter).await;
-        }
-        Ok((applied, names(&report.needs_restart), report.refused))
+        Ok((names(&report.applied), names(&report.needs_restart), report.refused))
     }
 
     #[zbus(out_args("metrics"))]
@@ -206,6 +197,10 @@ struct Announced {
     state: State,
     spare_ready: bool,
     primary_pid: u32,
+    /// Changed by SetFrequency/SetGain, a reload (SIGHUP or D-Bus) or an in-process caller:
+    /// announced from here, whoever changed them.
+    frequency: f64,
+    gain: f64,
 }
 
 fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<AtomicBool>, owned: Arc<AtomicBool>) {
@@ -269,7 +264,7 @@ fn serve(conn: &zbus::blocking::Connection, events: &std::sync::mpsc::Receiver<E
     let emitter = iface.signal_emitter().clone();
     let current = |iface: &zbus::blocking::object_server::InterfaceRef<Engine1>| {
         let o = iface.get();
-        Announced { state: o.current_state(), spare_ready: o.spare_ready(), primary_pid: o.primary_pid() }
+        Announced { state: o.current_state(), spare_ready: o.spare_ready(), primary_pid: o.primary_pid(), frequency: o.frequency(), gain: o.gain() }
     };
     let mut last = current(&iface);
     let mut last_check = Instant::now();
@@ -297,6 +292,12 @@ fn serve(conn: &zbus::blocking::Connection, events: &std::sync::mpsc::Receiver<E
                 }
                 if now.primary_pid != last.primary_pid {
                     o.primary_pid_changed(&emitter).await?;
+                }
+                if now.frequency != last.frequency {
+                    o.frequency_changed(&emitter).await?;
+                }
+                if now.gain != last.gain {
+                    o.gain_changed(&emitter).await?;
                 }
                 zbus::Result::Ok(())
             });

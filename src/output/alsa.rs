@@ -54,12 +54,17 @@ pub struct AlsaOut {
     /// Conversion buffer for S16 devices (allocated at open).
     s16: Vec<i16>,
     pub info: DeviceInfo,
+    /// How long a running device may make no room before it is declared gone (ms).
+    stall_ms: u32,
 }
 
 const CHANNELS: u32 = 2;
 
-/// A running device that makes no room for a block within this time is declared gone.
-const STALL_MS: u32 = 500;
+/// A running device that makes no room for a block within this time is declared gone: 500 ms,
+/// or four periods when they are longer (4096 frames at 8 kHz is 512 ms a period).
+fn stall_ms(block_frames: u32, rate: u32) -> u32 {
+    (4 * block_frames as u64 * 1000 / rate.max(1) as u64).max(500) as u32
+}
 
 impl AlsaOut {
     /// Opens `name` for playback at `rate` Hz, stereo, float (S16 if the device refuses
@@ -113,6 +118,7 @@ impl AlsaOut {
             format,
             channels: CHANNELS as usize,
             s16: vec![0; (block_frames * CHANNELS) as usize],
+            stall_ms: stall_ms(block_frames, rate),
             info: DeviceInfo {
                 name: name.to_owned(),
                 rate: got_rate,
@@ -138,7 +144,7 @@ impl AlsaOut {
                 // Prefilling (not started yet): there is room by definition of the threshold.
                 return Ok(0);
             }
-            match self.pcm.wait(Some(STALL_MS)) {
+            match self.pcm.wait(Some(self.stall_ms)) {
                 Ok(true) => {}
                 // A running device that makes no room for this long has stopped (a JACK
                 // server that went away leaves its clients waiting forever, without an error).
@@ -157,6 +163,9 @@ impl AlsaOut {
             }
         }
         let mut done = 0;
+        // EAGAIN retries: a device whose wait reports room that its write then refuses, again
+        // and again, is broken; this thread must not spin on it at FIFO priority.
+        let mut refused = 0;
         while done < frames {
             let r = match self.format {
                 SampleFormat::F32 => {
@@ -177,8 +186,8 @@ impl AlsaOut {
                 Ok(n) => done += n,
                 // The device took less than `wait_room` promised (a plugin's own pacing):
                 // wait for room like `wait_room` does.
-                Err(e) if e.errno() == libc::EAGAIN => match self.pcm.wait(Some(STALL_MS)) {
-                    Ok(true) => {}
+                Err(e) if e.errno() == libc::EAGAIN && refused < 8 => match self.pcm.wait(Some(self.stall_ms)) {
+                    Ok(true) => refused += 1,
                     Ok(false) => return Err(DeviceError::Gone(libc::ETIMEDOUT)),
                     Err(e) => return Err(self.classify(e)),
                 },

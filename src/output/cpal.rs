@@ -47,8 +47,11 @@ pub fn list_outputs() -> Vec<(String, String)> {
         .collect()
 }
 
-/// A stream that makes no callback for this long has stopped.
-const STALL_NS: u64 = 500_000_000;
+/// A stream that makes no callback for this long has stopped: 500 ms, or four blocks when
+/// they are longer.
+fn stall_ns(sh: &Shared) -> u64 {
+    (4 * sh.config.block_ns()).max(500_000_000)
+}
 /// Rebuilding a lost stream: first attempt after this, doubling up to the max.
 const REBUILD_FIRST_NS: u64 = 100_000_000;
 const REBUILD_MAX_NS: u64 = 2_000_000_000;
@@ -69,8 +72,11 @@ struct Link {
 
 impl Link {
     /// After this returns, the callback will not touch the engine again.
-    fn retire(&self) {
+    fn retire(&self, sh: &Shared) {
         self.retired.store(true, Ordering::SeqCst);
+        // Its thread is no longer the output's (a reload must not reprioritise a thread id
+        // that may be gone and reused).
+        sh.live.output_tid.store(0, Ordering::SeqCst);
         while self.inside.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -99,6 +105,7 @@ impl CpalOut {
     pub(crate) fn run(self, sh: Arc<Shared>, buffers: Buffers) -> Result<(), String> {
         let mut link = Arc::new(Link::default());
         let mut stream = self.build(&sh, Player::new(sh.clone(), buffers), &link)?;
+        let stall = stall_ns(&sh);
         let mut seen = (0, sys::now_ns());
         // Device lost: (next rebuild attempt, backoff), and the virtual clock playing meanwhile.
         let mut lost: Option<(u64, u64)> = None;
@@ -107,14 +114,17 @@ impl CpalOut {
         let (mut start, mut period) = (0u64, 0u64);
         while sh.running.load(Ordering::Acquire) {
             let Some((when, backoff)) = lost else {
+                let before = sys::now_ns();
                 std::thread::sleep(Duration::from_millis(20));
                 let (calls, now) = (link.callbacks.load(Ordering::Relaxed), sys::now_ns());
-                if calls != seen.0 {
+                // Progress, or this thread itself was held up (the process stopped, frozen):
+                // then the callback thread was too, and gets a fresh chance.
+                if calls != seen.0 || now - before > stall / 2 {
                     seen = (calls, now);
                 }
-                let stalled = now.saturating_sub(seen.1) > STALL_NS;
+                let stalled = now.saturating_sub(seen.1) > stall;
                 if stalled || link.broken.load(Ordering::Acquire) {
-                    link.retire();
+                    link.retire(&sh);
                     match stream.take() {
                         // Its callback thread is stuck in the device: closing it could crash
                         // the device library (seen with JACK for ALSA), so it is leaked.
@@ -146,8 +156,11 @@ impl CpalOut {
                 Err(_) => lost = Some((deadline + backoff, (backoff * 2).min(REBUILD_MAX_NS))),
             }
         }
-        link.retire();
-        drop(stream);
+        link.retire(&sh);
+        if lost.is_none() && sys::now_ns().saturating_sub(seen.1) > stall {
+            // Stalled but not yet retired: closing it could hang in the device; leak it.
+            std::mem::forget(stream);
+        }
         Ok(())
     }
 
@@ -183,8 +196,8 @@ impl CpalOut {
                     cb_link.callbacks.fetch_add(1, Ordering::Relaxed);
                     if first {
                         first = false;
-                        cb_sh.live.output_tid.store(sys::gettid(), Ordering::Relaxed);
-                        let ok = sys::set_fifo(cb_sh.live.output_priority.load(Ordering::Relaxed)).is_ok();
+                        cb_sh.live.output_tid.store(sys::gettid(), Ordering::SeqCst);
+                        let ok = sys::set_fifo(cb_sh.live.output_priority.load(Ordering::SeqCst)).is_ok();
                         cb_sh.metrics.output_realtime.store(ok, Ordering::Relaxed);
                     }
                     let mut i = 0;

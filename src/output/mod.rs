@@ -100,8 +100,8 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
         }
         return;
     }
-    sh.live.output_tid.store(sys::gettid(), Ordering::Relaxed);
-    let fifo = sys::set_fifo(sh.live.output_priority.load(Ordering::Relaxed));
+    sh.live.output_tid.store(sys::gettid(), Ordering::SeqCst);
+    let fifo = sys::set_fifo(sh.live.output_priority.load(Ordering::SeqCst));
     sh.metrics.output_realtime.store(fifo.is_ok(), Ordering::Relaxed);
     let _ = report.send(fifo.map_err(|e| format!("output thread: SCHED_FIFO refused ({e}); playing without real-time priority")));
     drop(report);

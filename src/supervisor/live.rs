@@ -38,12 +38,14 @@ impl Live {
     /// worker spawned meanwhile already starts at the new priority. Returns what the kernel
     /// refused, one line each (the setting still holds for threads started later).
     pub fn set_priorities(&self, output: i32, monitor: i32, render: i32, workers: &[u32]) -> Vec<String> {
-        self.output_priority.store(output, Ordering::Relaxed);
-        self.monitor_priority.store(monitor, Ordering::Relaxed);
-        self.render_priority.store(render, Ordering::Relaxed);
+        // SeqCst, paired with the threads' "store my id, then load the priority": either this
+        // sees the id, or the thread sees the new priority.
+        self.output_priority.store(output, Ordering::SeqCst);
+        self.monitor_priority.store(monitor, Ordering::SeqCst);
+        self.render_priority.store(render, Ordering::SeqCst);
         let mut targets = vec![
-            ("output thread".to_owned(), self.output_tid.load(Ordering::Relaxed), output),
-            ("monitor thread".to_owned(), self.monitor_tid.load(Ordering::Relaxed), monitor),
+            ("output thread".to_owned(), self.output_tid.load(Ordering::SeqCst), output),
+            ("monitor thread".to_owned(), self.monitor_tid.load(Ordering::SeqCst), monitor),
         ];
         // A dead worker can stay listed for the microseconds between its reaping and the
         // monitor's next metrics store; pids are handed out in sequence up to pid_max, so its

@@ -174,8 +174,8 @@ impl Monitor {
     }
 
     pub(crate) fn run(mut self) {
-        self.sh.live.monitor_tid.store(sys::gettid(), Ordering::Relaxed);
-        match sys::set_fifo(self.sh.live.monitor_priority.load(Ordering::Relaxed)) {
+        self.sh.live.monitor_tid.store(sys::gettid(), Ordering::SeqCst);
+        match sys::set_fifo(self.sh.live.monitor_priority.load(Ordering::SeqCst)) {
             Ok(()) => self.sh.metrics.monitor_realtime.store(true, Ordering::Relaxed),
             Err(e) => tracing::warn!(THREAD = "monitor", "monitor thread: SCHED_FIFO refused ({e}); running without real-time priority"),
         }
