@@ -114,15 +114,7 @@ fn failover_signal_and_metrics_after_sigkill_of_the_reported_primary() {
     let mut failovers = p.receive_failover().unwrap();
     // PropertiesChanged, through a caching proxy (which follows the signal).
     let cached = audiowarden::dbus::Engine1ProxyBlocking::new(&conn).unwrap();
-    let mut pid_changes = cached.receive_primary_pid_changed();
-    let (ptx, prx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for c in &mut pid_changes {
-            if let Ok(v) = c.get() {
-                let _ = ptx.send(v);
-            }
-        }
-    });
+    let prx = common::bus::follow(cached.receive_primary_pid_changed());
     // The first item of the stream is the current value.
     assert_eq!(prx.recv_timeout(Duration::from_secs(5)).unwrap(), primary);
 

@@ -93,19 +93,10 @@ fn reload_over_dbus_and_sighup_applies_what_it_reports() {
     // (PropertiesChanged, followed by a caching proxy).
     let cached = audiowarden::dbus::Engine1ProxyBlocking::new(&conn).unwrap();
     assert_eq!(cached.frequency().unwrap(), 523.0);
-    let mut changes = cached.receive_frequency_changed();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for c in &mut changes {
-            if let Ok(v) = c.get() {
-                let _ = tx.send(v);
-            }
-        }
-    });
+    let rx = common::bus::follow(cached.receive_frequency_changed());
     write(&file, "frequency = 330.0\ngain = 0.5\noutput-priority = 85\nmonitor-priority = 76\nrender-priority = 71\nmax-restarts = 50\n");
     signal(d.pid(), libc::SIGHUP);
     wait_until("the frequency reloaded by SIGHUP", Duration::from_secs(5), || p.frequency().unwrap() == 330.0);
-    // (The stream may first yield the value it had cached.)
     let heard = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(2)).ok()).find(|&v| v == 330.0);
     assert_eq!(heard, Some(330.0), "no PropertiesChanged(Frequency) with the reloaded value");
     wait_until("the reload logged", Duration::from_secs(5), || d.log_text().contains("configuration reloaded: applied frequency 440 -> 330"));

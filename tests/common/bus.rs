@@ -195,6 +195,24 @@ impl Drop for Daemon {
     }
 }
 
+/// The values a caching proxy's property stream yields, from a thread of its own (the stream
+/// may first yield the value it had cached).
+pub fn follow<T>(mut changes: zbus::blocking::proxy::PropertyIterator<'static, T>) -> std::sync::mpsc::Receiver<T>
+where
+    T: TryFrom<OwnedValue> + Send + Unpin + 'static,
+    T::Error: Into<zbus::Error>,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in &mut changes {
+            if let Ok(v) = c.get() {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    rx
+}
+
 /// A proxy without property caching (every read is a real Get).
 pub fn proxy(conn: &zbus::blocking::Connection) -> Engine1ProxyBlocking<'static> {
     Engine1ProxyBlocking::builder(conn).cache_properties(zbus::proxy::CacheProperties::No).build().expect("proxy")
