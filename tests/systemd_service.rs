@@ -22,6 +22,9 @@ fn install(h: &SystemdHarness, shm: &str, extra_args: &str, extra_service: &str)
     let bin = "/run/aw-bin/audiowardend";
     let out = h.run(&["install", "-D", "-m", "0755", env!("CARGO_BIN_EXE_audiowardend"), bin]);
     assert!(out.status.success(), "copy the daemon: {}", String::from_utf8_lossy(&out.stderr));
+    let ctl = "/run/aw-bin/audiowardenctl";
+    let out = h.run(&["install", "-D", "-m", "0755", env!("CARGO_BIN_EXE_audiowardenctl"), ctl]);
+    assert!(out.status.success(), "copy the client: {}", String::from_utf8_lossy(&out.stderr));
     let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/audiowarden.service");
     let out = h.systemctl(&["link", unit]);
     assert!(out.status.success(), "link: {}", String::from_utf8_lossy(&out.stderr));
@@ -29,7 +32,7 @@ fn install(h: &SystemdHarness, shm: &str, extra_args: &str, extra_service: &str)
         UNIT,
         "test",
         &format!(
-            "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=\nExecStart={bin} --shm-dir {shm} --output virtual {extra_args}\nUser=\nGroup=\nSupplementaryGroups=\nAmbientCapabilities=\nWatchdogSec=1s\nTimeoutStopSec=3s\n{extra_service}\n"
+            "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStart=\nExecStart={bin} --shm-dir {shm} --output virtual {extra_args}\nExecReload=\nExecReload={ctl} reload\nUser=\nGroup=\nSupplementaryGroups=\nAmbientCapabilities=\nWatchdogSec=1s\nTimeoutStopSec=3s\n{extra_service}\n"
         ),
     );
 }
@@ -127,8 +130,10 @@ fn lifecycle_under_systemd() {
     assert!(entries.iter().filter(ours).any(|e| msg(e).contains("stopping")), "no stop entry:\n{journal}");
 }
 
-/// `systemctl reload` (ExecReload sends SIGHUP): the file is read again, the live settings
-/// change, the daemon tells the manager RELOADING=1 then READY=1, and nothing restarts.
+/// `systemctl reload` (ExecReload calls `audiowardenctl reload`, the D-Bus Reload method): it
+/// is synchronous, so the new settings are live when it returns, and a bad file fails it with
+/// the line named while the service plays on. SIGHUP (`systemctl kill -s HUP`) reloads too,
+/// and the daemon tells the manager RELOADING=1 then READY=1. Nothing restarts.
 #[test]
 fn systemctl_reload_applies_the_edited_file() {
     let h = SystemdHarness::start();
@@ -143,23 +148,37 @@ fn systemctl_reload_applies_the_edited_file() {
     start(&h);
     let main_pid = h.show(UNIT, "MainPID");
     assert!(h.systemctl(&["log-level", "debug"]).status.success());
-
-    write_conf("gain = 0.5\\nsample-rate = 44100\\n");
-    let out = h.systemctl(&["reload", UNIT]);
-    assert!(out.status.success(), "systemctl reload: {}", String::from_utf8_lossy(&out.stderr));
     let gain = || {
         let out = h.run(&["busctl", "--system", "get-property", "org.audiowarden.Engine1", "/org/audiowarden/Engine1", "org.audiowarden.Engine1", "Gain"]);
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    wait_until_every("the reloaded gain", Duration::from_secs(5), POLL, || gain() == "d 0.5");
+
+    write_conf("gain = 0.5\\nsample-rate = 44100\\n");
+    let out = h.systemctl(&["reload", UNIT]);
+    assert!(out.status.success(), "systemctl reload: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(gain(), "d 0.5", "live when systemctl reload returns");
     wait_until_every("the reload in the journal", Duration::from_secs(5), POLL, || {
-        h.journal(&["-u", UNIT, "--no-pager"]).contains("configuration reloaded: applied gain 0.25 -> 0.5; needs a restart to take effect: sample-rate 48000 -> 44100")
+        let j = h.journal(&["-u", UNIT, "--no-pager"]);
+        j.contains("configuration reloaded: applied gain 0.25 -> 0.5; needs a restart to take effect: sample-rate 48000 -> 44100")
+            && j.contains("needs a restart: sample-rate")
     });
-    let manager = h.journal(&["--user-unit", UNIT, "--no-pager"]);
-    assert!(
-        manager.lines().any(|l| l.contains("Got notification message") && l.contains("RELOADING=1")),
-        "the manager received no RELOADING=1:\n{manager}"
-    );
+
+    // A bad file: the reload fails, naming the line; nothing changes.
+    write_conf("gain = 5\\n");
+    let out = h.systemctl(&["reload", UNIT]);
+    assert!(!out.status.success(), "a bad file must fail systemctl reload");
+    wait_until_every("the refused reload in the journal", Duration::from_secs(5), POLL, || {
+        h.journal(&["-u", UNIT, "--no-pager"]).contains(&format!("{conf}:1: `gain`"))
+    });
+    assert_eq!(gain(), "d 0.5");
+
+    // SIGHUP: RELOADING=1, then READY=1.
+    write_conf("gain = 0.75\\n");
+    assert!(h.systemctl(&["kill", "--kill-who=main", "-s", "HUP", UNIT]).status.success());
+    wait_until_every("the gain reloaded by SIGHUP", Duration::from_secs(5), POLL, || gain() == "d 0.75");
+    wait_until_every("RELOADING=1 at the manager", Duration::from_secs(5), POLL, || {
+        h.journal(&["--user-unit", UNIT, "--no-pager"]).lines().any(|l| l.contains("Got notification message") && l.contains("RELOADING=1"))
+    });
     assert_eq!(h.show(UNIT, "ActiveState"), "active");
     assert_eq!(h.show(UNIT, "MainPID"), main_pid, "a reload is not a restart");
     assert!(h.systemctl(&["stop", UNIT]).status.success());
