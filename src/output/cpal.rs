@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ::cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 
-use super::{Buffers, Player};
+use super::{Buffers, Player, VirtualClock, REOPEN_FIRST_NS, REOPEN_MAX_NS};
 use crate::supervisor::Shared;
 use crate::sys;
 
@@ -52,9 +52,6 @@ pub fn list_outputs() -> Vec<(String, String)> {
 fn stall_ns(sh: &Shared) -> u64 {
     (4 * sh.config.block_ns()).max(500_000_000)
 }
-/// Rebuilding a lost stream: first attempt after this, doubling up to the max.
-const REBUILD_FIRST_NS: u64 = 100_000_000;
-const REBUILD_MAX_NS: u64 = 2_000_000_000;
 
 /// Between one stream's callback and the output thread.
 #[derive(Default)]
@@ -99,7 +96,7 @@ impl CpalOut {
     /// Plays until the supervisor stops. Returns an error if the first stream cannot be built.
     ///
     /// A stream that breaks (cpal reports the device gone) or stalls (no callback for
-    /// [`STALL_NS`]: a JACK server that went away leaves its clients waiting, without an error)
+    /// [`stall_ns`]: a JACK server that went away leaves its clients waiting, without an error)
     /// is retired; this thread then plays the virtual clock (the engine keeps going, the state is
     /// degraded) and builds a new stream with backoff, as the ALSA output reopens its device.
     pub(crate) fn run(self, sh: Arc<Shared>, buffers: Buffers) -> Result<(), String> {
@@ -109,9 +106,8 @@ impl CpalOut {
         let mut seen = (0, sys::now_ns());
         // Device lost: (next rebuild attempt, backoff), and the virtual clock playing meanwhile.
         let mut lost: Option<(u64, u64)> = None;
-        let mut clock = Player::new(sh.clone(), Buffers::new_locked(sh.geo.samples_per_block())).without_test_fault();
-        let (bf, sr) = (sh.config.block_frames as u128, sh.config.sample_rate as u128);
-        let (mut start, mut period) = (0u64, 0u64);
+        let mut stand_in = Player::new(sh.clone(), Buffers::new_locked(sh.geo.samples_per_block())).without_test_fault();
+        let mut clock = VirtualClock::new(&sh);
         while sh.running.load(Ordering::Acquire) {
             let Some((when, backoff)) = lost else {
                 let before = sys::now_ns();
@@ -133,15 +129,13 @@ impl CpalOut {
                     }
                     sh.output_degraded.store(true, Ordering::Release);
                     sh.metrics.device_losses.fetch_add(1, Ordering::Relaxed);
-                    lost = Some((now + REBUILD_FIRST_NS, REBUILD_FIRST_NS * 2));
-                    (start, period) = (now, 0);
+                    lost = Some((now + REOPEN_FIRST_NS, REOPEN_FIRST_NS * 2));
+                    clock.restart(now);
                 }
                 continue;
             };
-            period += 1;
-            let deadline = start + (period as u128 * bf * 1_000_000_000 / sr) as u64;
-            sys::sleep_until_ns(deadline);
-            clock.next(deadline);
+            let deadline = clock.wait();
+            stand_in.next(deadline);
             if deadline < when {
                 continue;
             }
@@ -153,7 +147,7 @@ impl CpalOut {
                     seen = (0, sys::now_ns());
                     sh.output_degraded.store(false, Ordering::Release);
                 }
-                Err(_) => lost = Some((deadline + backoff, (backoff * 2).min(REBUILD_MAX_NS))),
+                Err(_) => lost = Some((deadline + backoff, (backoff * 2).min(REOPEN_MAX_NS))),
             }
         }
         link.retire(&sh);

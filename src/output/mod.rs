@@ -80,9 +80,38 @@ impl Buffers {
     }
 }
 
-/// Reopening a device that went away: first retry after this, doubling up to the max.
-const REOPEN_FIRST_NS: u64 = 100_000_000;
-const REOPEN_MAX_NS: u64 = 2_000_000_000;
+/// Reopening a device that went away (ALSA) or rebuilding its stream (cpal): first retry
+/// after this, doubling up to the max.
+pub(crate) const REOPEN_FIRST_NS: u64 = 100_000_000;
+pub(crate) const REOPEN_MAX_NS: u64 = 2_000_000_000;
+
+/// CLOCK_MONOTONIC pacing, one block a period: period `n` ends at
+/// `start + n * block_frames / sample_rate`, computed exactly so the clock never drifts.
+pub(crate) struct VirtualClock {
+    start: u64,
+    period: u64,
+    block_frames: u128,
+    rate: u128,
+}
+
+impl VirtualClock {
+    pub(crate) fn new(sh: &Shared) -> VirtualClock {
+        VirtualClock { start: sys::now_ns(), period: 0, block_frames: sh.config.block_frames as u128, rate: sh.config.sample_rate as u128 }
+    }
+
+    /// Starts counting periods again from `now` (a device was lost).
+    pub(crate) fn restart(&mut self, now: u64) {
+        (self.start, self.period) = (now, 0);
+    }
+
+    /// Sleeps until the current period ends; returns that deadline (when the next block plays).
+    pub(crate) fn wait(&mut self) -> u64 {
+        self.period += 1;
+        let deadline = self.start + (self.period as u128 * self.block_frames * 1_000_000_000 / self.rate) as u64;
+        sys::sleep_until_ns(deadline);
+        deadline
+    }
+}
 
 /// The output thread's body. With the virtual clock, period `n` ends at
 /// `start + n * block_frames / sample_rate`, computed exactly so the clock never drifts; with a
@@ -112,14 +141,13 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
         Sink::Alsa(d) => Some(d.info.name.clone()),
         _ => None,
     };
-    let mut start = sys::now_ns();
-    let mut period: u64 = 0;
+    let mut clock = VirtualClock::new(&sh);
     // Device gone: (next reopen attempt, current backoff).
     let mut reopen: Option<(u64, u64)> = None;
     // Why the device was lost (errno; ETIMEDOUT: it stopped making room).
     let mut lost_errno = 0;
     // Test-only faults (--test-fault-output-stall-ms, --test-fault-output-pause).
-    let t0 = start;
+    let t0 = clock.start;
     let stall_at = sh.config.test_fault_output_stall_ms.map_or(u64::MAX, |ms| t0.saturating_add(ms.saturating_mul(1_000_000)));
 
     while sh.running.load(Ordering::Acquire) {
@@ -136,14 +164,12 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
                 }
                 Err(alsa::DeviceError::Gone(errno)) => {
                     lost_errno = errno;
-                    lose_device(&sh, &mut reopen, &mut start, &mut period);
+                    lose_device(&sh, &mut reopen, &mut clock);
                     continue;
                 }
             },
             _ => {
-                period += 1;
-                let deadline = start + (period as u128 * bf as u128 * 1_000_000_000 / sr as u128) as u64;
-                sys::sleep_until_ns(deadline);
+                let deadline = clock.wait();
                 sh.metrics.output_wake_late_us.record(sys::now_ns().saturating_sub(deadline) / 1000);
                 deadline
             }
@@ -193,7 +219,7 @@ pub(crate) fn run(sh: Arc<Shared>, mut sink: Sink, buffers: Buffers, report: std
                     }
                     Err(alsa::DeviceError::Gone(errno)) => {
                         lost_errno = errno;
-                        lose_device(&sh, &mut reopen, &mut start, &mut period)
+                        lose_device(&sh, &mut reopen, &mut clock)
                     }
                 }
             }
@@ -281,12 +307,11 @@ impl Player {
 
 /// The device went away: the virtual clock takes over from now, the state is degraded, and a
 /// reopen is scheduled.
-fn lose_device(sh: &Shared, reopen: &mut Option<(u64, u64)>, start: &mut u64, period: &mut u64) {
+fn lose_device(sh: &Shared, reopen: &mut Option<(u64, u64)>, clock: &mut VirtualClock) {
     if reopen.is_none() {
         let now = sys::now_ns();
         *reopen = Some((now + REOPEN_FIRST_NS, REOPEN_FIRST_NS * 2));
-        *start = now;
-        *period = 0;
+        clock.restart(now);
         sh.output_degraded.store(true, Ordering::Release);
         sh.metrics.device_losses.fetch_add(1, Ordering::Relaxed);
     }
