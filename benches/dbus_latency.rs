@@ -10,7 +10,9 @@
 //!     output (observed by polling the output position), in µs.
 //!
 //! Baseline, in the same run: the same change through the in-process `Control` handle (no
-//! D-Bus), and a D-Bus round trip that changes nothing (Peer.Ping).
+//! D-Bus), and a D-Bus round trip that changes nothing (Peer.Ping). And OSC beside it: the
+//! same change as an `/engine/frequency` datagram over the AF_UNIX socket and over UDP, to the
+//! daemon's own OSC thread (no answer: "call -> return" is until the change is stamped).
 //! Calls are spaced by a random 1-3 ms so they land at every phase of a block.
 //! AW_BENCH_QOS=0 runs it with --cpu-latency-qos-us 0.
 
@@ -44,13 +46,21 @@ fn measure(h: &Handle, calls: usize, rng: &mut common::Rng, mut send: impl FnMut
     let mut out = Vec::with_capacity(calls);
     for i in 0..calls {
         std::thread::sleep(rng.range_ms(1, 3));
-        let hz = 400.0 + (i % 200) as f64;
+        // Distinct from the previous call's (an OSC change is recognised by its value).
+        let hz = 400.0 + (i % 200) as f64 + if i % 400 < 200 { 0.0 } else { 0.5 };
         let f0 = h.frame_now();
         let t0 = now_ns();
         send(hz);
+        // A D-Bus or in-process call returns stamped; a datagram is stamped when the OSC
+        // thread has read it.
+        let stamp = loop {
+            match h.control().last_stamp() {
+                Some(s) if s.msg.value == hz => break s,
+                _ if now_ns() - t0 > 5_000_000_000 => panic!("the change to {hz} Hz was never stamped"),
+                _ => std::thread::sleep(Duration::from_micros(10)),
+            }
+        };
         let t1 = now_ns();
-        let stamp = h.control().last_stamp().expect("a stamp");
-        assert_eq!(stamp.msg.value, hz, "the stamp is this call's");
         let played = wait_played(h, stamp.apply_at);
         // Where in its block the stamped frame sits (it plays that much after the block starts).
         let bf = h.config().block_frames as u64;
@@ -107,7 +117,9 @@ fn main() {
     let service = audiowarden::dbus::service::Service::start(h.clone(), None).expect("D-Bus service");
     let conn = bus.connection();
     let proxy = common::bus::proxy(&conn);
-    common::wait_until("the service on the bus", Duration::from_secs(5), || proxy.state().is_ok_and(|s| s == "running"));
+    common::wait_until("the service on the bus", Duration::from_secs(5), || {
+        proxy.state().is_ok_and(|s| s == "running")
+    });
     let peer = zbus::blocking::fdo::PeerProxy::builder(&conn)
         .destination(audiowarden::dbus::BUS_NAME)
         .unwrap()
@@ -119,7 +131,7 @@ fn main() {
     let c = sup.control();
 
     println!(
-        "D-Bus call -> first affected sample: {calls} calls per mode, {} Hz, {} frames per block, {} blocks lookahead; realtime {}; cpu latency request {qos:?}",
+        "D-Bus and OSC call -> first affected sample: {calls} calls per mode, {} Hz, {} frames per block, {} blocks lookahead; realtime {}; cpu latency request {qos:?}",
         h.config().sample_rate,
         h.config().block_frames,
         h.config().lookahead_blocks,
@@ -137,15 +149,45 @@ fn main() {
             .collect()
     };
     row("baseline: D-Bus Peer.Ping round trip (µs)", &mut round_trip(&mut || peer.ping().expect("Ping")));
-    row("baseline: D-Bus Get(Frequency) round trip (µs)", &mut round_trip(&mut || {
-        proxy.frequency().expect("Get");
-    }));
+    row(
+        "baseline: D-Bus Get(Frequency) round trip (µs)",
+        &mut round_trip(&mut || {
+            proxy.frequency().expect("Get");
+        }),
+    );
     let base = measure(&h, calls, &mut rng, |hz| {
         c.set_frequency(hz).expect("set_frequency");
     });
     report("in-process", &base);
     let dbus = measure(&h, calls, &mut rng, |hz| proxy.set_frequency(hz).expect("SetFrequency"));
     report("D-Bus", &dbus);
+    // OSC: the daemon's OSC thread on an AF_UNIX socket and a UDP port of this run.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("osc.sock");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let osc_cfg = Config {
+        osc_socket: sock.display().to_string(),
+        osc_listen: Some(format!("127.0.0.1:{port}")),
+        ..h.config().clone()
+    };
+    let osc = audiowarden::osc::OscServer::start(h.clone(), audiowarden::osc::open(&osc_cfg, &[]))
+        .expect("OSC")
+        .expect("sockets");
+    let datagram = |hz: f64| {
+        let msg = rosc::OscMessage { addr: "/engine/frequency".into(), args: vec![rosc::OscType::Double(hz)] };
+        rosc::encoder::encode(&rosc::OscPacket::Message(msg)).unwrap()
+    };
+    let unix = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    let osc_unix = measure(&h, calls, &mut rng, |hz| {
+        unix.send_to(&datagram(hz), &sock).expect("send over AF_UNIX");
+    });
+    report("OSC AF_UNIX", &osc_unix);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let osc_udp = measure(&h, calls, &mut rng, |hz| {
+        udp.send_to(&datagram(hz), ("127.0.0.1", port)).expect("send over UDP");
+    });
+    report("OSC UDP", &osc_udp);
+    drop(osc);
     let m = sup.metrics();
     println!("underruns {}, control_late {}, control_received {}", m.underruns, m.control_late, m.control_received);
     drop(service);

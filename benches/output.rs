@@ -10,7 +10,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
+use common::cgroup::NoRt;
+
 use std::time::Duration;
 
 use common::bus::{get_u64, proxy, Daemon, PrivateBus};
@@ -23,31 +24,8 @@ fn f64_metric(m: &std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
     }
 }
 
-/// A cpu cgroup without an RT budget, removed on drop.
-struct NoRt(PathBuf);
-
-impl NoRt {
-    fn new() -> Option<NoRt> {
-        let p = PathBuf::from(format!("/sys/fs/cgroup/cpu/aw-bench-nort-{}", std::process::id()));
-        std::fs::create_dir(&p).ok()?;
-        std::fs::write(p.join("cpu.rt_runtime_us"), "0").ok()?;
-        Some(NoRt(p))
-    }
-}
-
-impl Drop for NoRt {
-    fn drop(&mut self) {
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.0).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
 fn run(bus: &PrivateBus, name: &str, output: &str, env: &[(String, String)], cgroup: Option<&NoRt>, seconds: u64) {
-    let mut d = Daemon::start_in(bus, "bench-output", &["--output", output], env, cgroup.map(|c| c.0.as_path()));
+    let mut d = Daemon::start_in(bus, "bench-output", &["--output", output], env, cgroup.map(|c| c.path.as_path()));
     let conn = bus.connection();
     let p = proxy(&conn);
     std::thread::sleep(Duration::from_secs(2));
@@ -83,7 +61,7 @@ fn main() {
     println!("output benchmark: 48 kHz stereo, 64-frame blocks, hot standby + reserve, {seconds} s per mode; cpu = percent of one core, supervisor + workers");
     run(&bus, "virtual, RT", "virtual", &[], None, seconds);
     run(&bus, "alsa:awcapture (jackd dummy), RT", "alsa:awcapture", &env, None, seconds);
-    match NoRt::new() {
+    match NoRt::new("bench") {
         Some(cg) => {
             run(&bus, "virtual, no RT", "virtual", &[], Some(&cg), seconds);
             run(&bus, "alsa:awcapture (jackd dummy), no RT", "alsa:awcapture", &env, Some(&cg), seconds);

@@ -6,6 +6,10 @@ use std::str::FromStr;
 
 use clap::{Parser, ValueEnum};
 
+/// The settings a reload applies to the running service (the rest need a restart).
+pub const LIVE_SETTINGS: [&str; 7] =
+    ["frequency", "gain", "output-priority", "monitor-priority", "render-priority", "max-restarts", "restart-window-s"];
+
 /// Where the audio goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputSpec {
@@ -24,7 +28,9 @@ pub enum OutputSpec {
 impl FromStr for OutputSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("unknown output {s:?}: expected `auto`, `virtual`, `wav:PATH`, `alsa:PCM` or `cpal:DEVICE` (see --list-outputs)");
+        let bad = || {
+            format!("unknown output {s:?}: expected `auto`, `virtual`, `wav:PATH`, `alsa:PCM` or `cpal:DEVICE` (see --list-outputs)")
+        };
         match s {
             "auto" => Ok(OutputSpec::Auto),
             "virtual" => Ok(OutputSpec::Virtual),
@@ -83,8 +89,9 @@ pub struct Config {
     #[arg(long, default_value = "auto", value_parser = OutputSpec::from_str)]
     pub output: OutputSpec,
 
-    /// ALSA device buffer, in periods of --block-frames: what the device holds ahead of the
-    /// sound (its latency) and how long the output thread may be late before an xrun.
+    /// Output buffer, in periods of --block-frames: what an ALSA device holds ahead of the
+    /// sound (its latency), and for every output how late the output thread may wake up
+    /// before that is an xrun (the virtual clock then resyncs to now, as a device would).
     #[arg(long, default_value_t = 4)]
     pub device_periods: u32,
 
@@ -150,14 +157,16 @@ pub struct Config {
     #[arg(long, default_value_t = 70)]
     pub render_priority: i32,
 
-    /// A worker whose heartbeat (committed blocks) stands still this many block periods while
-    /// its ring has room is declared hung and killed.
+    /// A worker whose heartbeat (committed blocks) stands still this many block periods after
+    /// a batch of its ring fell free (the output woke it to fill it) is declared hung and
+    /// killed.
     #[arg(long, default_value_t = 2)]
     pub hang_timeout_blocks: u32,
 
     /// Restart intensity: at most this many worker deaths within --restart-window-s before
     /// new workers are started with an exponential backoff (a crash loop must not become a
-    /// fork bomb; the primary keeps playing, or silence is played, meanwhile).
+    /// fork bomb; the primary keeps playing, or silence is played, meanwhile). The newest 4096
+    /// deaths are remembered: a limit of 4096 or more never throttles.
     #[arg(long, default_value_t = 100)]
     pub max_restarts: u32,
 
@@ -171,6 +180,32 @@ pub struct Config {
     /// vCPUs poll instead of halting). Off by default; 0 is the lowest latency.
     #[arg(long)]
     pub cpu_latency_qos_us: Option<u32>,
+
+    /// OSC over an AF_UNIX datagram socket at this path, created group `audio`, mode 0660: only
+    /// root and the audio group may send (liblo reaches it as `osc.unix:///PATH`; the journal
+    /// names the sender's uid). Under systemd, audiowarden-osc.socket hands it over instead.
+    /// `none`: no AF_UNIX OSC socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/audiowarden/osc.sock")]
+    pub osc_socket: String,
+
+    /// OSC over UDP at ADDR:PORT too (off by default). OSC has no authentication: on loopback
+    /// every local user can set the tone, `nobody` included (D-Bus reserves that for group
+    /// `audio`). A non-loopback address also needs --osc-allow-remote. Under systemd, use
+    /// audiowarden-osc-udp.socket (the shipped unit has no network of its own).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub osc_listen: Option<String>,
+
+    /// Let --osc-listen take a non-loopback address: anyone who can reach it over the network
+    /// can then set the tone.
+    #[arg(long)]
+    pub osc_allow_remote: bool,
+
+    /// Write every metric, in the Prometheus text format, to this file once a second (atomically:
+    /// a temporary file renamed over it, mode 0644), for node_exporter's textfile collector:
+    /// e.g. /var/lib/prometheus/node-exporter/audiowarden.prom (Debian's
+    /// prometheus-node-exporter reads that directory). Off by default.
+    #[arg(long, value_name = "PATH")]
+    pub prometheus_textfile: Option<PathBuf>,
 
     /// Worker binary (default: this very binary, re-executed in the worker role).
     #[arg(long, hide = true)]
@@ -238,11 +273,11 @@ impl Config {
         if !(1..=3600).contains(&self.restart_window_s) {
             return err("restart-window-s", format!("{} is outside 1..=3600 seconds", self.restart_window_s));
         }
-        if let Err(e) = crate::control::validate_frequency(self.frequency, self.sample_rate) {
-            return err("frequency", e.to_string());
+        if !crate::engine::frequency_ok(self.frequency, self.sample_rate) {
+            return err("frequency", crate::engine::frequency_range_message(self.frequency, self.sample_rate));
         }
-        if let Err(e) = crate::control::validate_gain(self.gain) {
-            return err("gain", e.to_string());
+        if !crate::engine::gain_ok(self.gain) {
+            return err("gain", crate::engine::gain_range_message(self.gain));
         }
         for (key, p) in [
             ("output-priority", self.output_priority),
@@ -253,6 +288,7 @@ impl Config {
                 return err(key, format!("{p} is outside 1..=99"));
             }
         }
+        self.validate_osc()?;
         // The output must never wait for the monitor, nor the monitor for a render thread.
         if !(self.output_priority > self.monitor_priority && self.monitor_priority > self.render_priority) {
             return err(
@@ -262,6 +298,27 @@ impl Config {
                     self.output_priority, self.monitor_priority, self.render_priority
                 ),
             );
+        }
+        Ok(())
+    }
+
+    /// `--osc-listen` is ADDR:PORT, on loopback unless remote access is meant.
+    fn validate_osc(&self) -> Result<(), ConfigError> {
+        let err = |key, message: String| Err(ConfigError { key, message });
+        if let Some(l) = &self.osc_listen {
+            match l.parse::<std::net::SocketAddr>() {
+                Err(_) => return err("osc-listen", format!("{l:?} is not ADDR:PORT (e.g. 127.0.0.1:9000)")),
+                Ok(a) if !a.ip().is_loopback() && !self.osc_allow_remote => {
+                    return err(
+                        "osc-listen",
+                        format!(
+                            "{a} is not a loopback address: OSC has no authentication, so anyone who can \
+                             reach it could set the tone; add --osc-allow-remote to mean it"
+                        ),
+                    )
+                }
+                Ok(_) => {}
+            }
         }
         Ok(())
     }
@@ -288,12 +345,58 @@ impl Config {
             ("max-restarts", self.max_restarts.to_string()),
             ("restart-window-s", self.restart_window_s.to_string()),
             ("cpu-latency-qos-us", qos),
+            ("osc-socket", self.osc_socket.clone()),
+            ("osc-listen", self.osc_listen.clone().unwrap_or_else(|| "unset".to_owned())),
+            ("osc-allow-remote", self.osc_allow_remote.to_string()),
+            (
+                "prometheus-textfile",
+                self.prometheus_textfile.as_ref().map_or_else(|| "unset".to_owned(), |p| p.display().to_string()),
+            ),
         ]
     }
 
     /// Length of one block in nanoseconds.
     pub fn block_ns(&self) -> u64 {
         self.block_frames as u64 * 1_000_000_000 / self.sample_rate as u64
+    }
+
+    /// Blocks a worker renders per wake-up (k): the output wakes each worker once every k
+    /// blocks, when k slots of its ring are free, instead of after every block. Half the
+    /// lookahead, at most 4 (4 at the default 8). Its ring holds the lookahead plus a batch
+    /// ([`Config::ring_blocks`]), so a healthy ring never holds less than the lookahead (the
+    /// budget for a takeover and for a stalled machine stays what it was), and a hang is
+    /// judged hang-timeout blocks after the wake-up that found it not rendering, with the
+    /// whole lookahead still in its ring.
+    pub fn render_batch_blocks(&self) -> u32 {
+        (self.lookahead_blocks / 2).clamp(1, 4)
+    }
+
+    /// Slots of a worker's audio ring: the lookahead and a batch (12 at the defaults). Control
+    /// changes are stamped beyond it.
+    pub fn ring_blocks(&self) -> u32 {
+        self.lookahead_blocks + self.render_batch_blocks()
+    }
+
+    /// Periods the virtual clock (the `virtual` and `wav:` outputs, and a lost device's
+    /// stand-in) plays per wake-up: half the device buffer, at most 2 (2 at the default 4),
+    /// so at least half the buffer is always left as the margin for a late wake-up.
+    pub fn periods_per_wake(&self) -> u32 {
+        (self.device_periods / 2).clamp(1, 2)
+    }
+
+    /// The monitor's timer while something is in flight (a worker starting, a dead ring
+    /// draining, a retry or a cold takeover pending): every half batch (2 blocks at the
+    /// defaults). The heartbeat does not wait for it: the output thread wakes the monitor as
+    /// soon as a worker's batch is overdue or a block it holds no longer checks out.
+    pub fn monitor_busy_tick_ns(&self) -> u64 {
+        self.block_ns() * (self.render_batch_blocks() / 2).max(1) as u64
+    }
+
+    /// The monitor's timer when all is well: 64 blocks, at most 100 ms (85 ms at the
+    /// defaults): the full scan of every held block, the metrics it keeps, and the proof of
+    /// its liveness the systemd watchdog asks for.
+    pub fn monitor_idle_tick_ns(&self) -> u64 {
+        (self.block_ns() * 64).min(100_000_000).max(self.monitor_busy_tick_ns())
     }
 }
 

@@ -58,7 +58,10 @@ fn kind_of(a: &clap::Arg) -> Kind {
     let ty = a.get_value_parser().type_id();
     if matches!(a.get_action(), ArgAction::SetTrue) {
         Kind::Switch
-    } else if [TypeId::of::<u32>(), TypeId::of::<i32>(), TypeId::of::<u64>(), TypeId::of::<f64>()].iter().any(|t| ty == *t) {
+    } else if [TypeId::of::<u32>(), TypeId::of::<i32>(), TypeId::of::<u64>(), TypeId::of::<f64>()]
+        .iter()
+        .any(|t| ty == *t)
+    {
         Kind::Number
     } else if [
         TypeId::of::<String>(),
@@ -128,7 +131,9 @@ fn file_args(path: &Path, text: &str) -> Result<Vec<String>, LoadError> {
             (toml::Value::Float(v), Kind::Number) => Some(format!("--{long}={v}")),
             (toml::Value::String(v), Kind::Text) => Some(format!("--{long}={v}")),
             (toml::Value::Boolean(_), _) => return Err(err(line, format!("`{key}` takes a value, not true or false"))),
-            (toml::Value::String(_), Kind::Number) => return Err(err(line, format!("`{key}` must be a number, without quotes"))),
+            (toml::Value::String(_), Kind::Number) => {
+                return Err(err(line, format!("`{key}` must be a number, without quotes")))
+            }
             (toml::Value::Integer(_) | toml::Value::Float(_), Kind::Text) => {
                 return Err(err(line, format!("`{key}` must be a string, in quotes")))
             }
@@ -184,9 +189,11 @@ fn finish(config: Config, file: Option<Source<'_>>) -> Result<Config, LoadError>
     match config.validate() {
         Ok(()) => Ok(config),
         Err(e) => match file {
-            Some((path, text, overridden)) if !overridden(e.key) && line_of(text, e.key) > 0 => {
-                Err(LoadError::File { path: path.to_owned(), line: line_of(text, e.key), message: format!("`{}`: {}", e.key, e.message) })
-            }
+            Some((path, text, overridden)) if !overridden(e.key) && line_of(text, e.key) > 0 => Err(LoadError::File {
+                path: path.to_owned(),
+                line: line_of(text, e.key),
+                message: format!("`{}`: {}", e.key, e.message),
+            }),
             _ => Err(LoadError::Invalid(e)),
         },
     }
@@ -210,7 +217,7 @@ pub fn default_file_text() -> String {
             continue;
         }
         let mut help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
-        if crate::reload::LIVE_SETTINGS.contains(&long) {
+        if crate::config::LIVE_SETTINGS.contains(&long) {
             help += " [reload]";
         }
         out.push('\n');
@@ -304,7 +311,7 @@ mod tests {
     #[test]
     fn every_setting_refuses_a_wrong_type_and_an_out_of_range_value_at_its_line() {
         // (key, wrong type, out of range or not one of the choices)
-        let cases: [(&str, &str, Option<&str>); 17] = [
+        let cases: [(&str, &str, Option<&str>); 21] = [
             ("output", "[1]", Some("\"speakers\"")),
             ("device-periods", "\"four\"", Some("1")),
             ("shm-dir", "true", None),
@@ -322,6 +329,10 @@ mod tests {
             ("max-restarts", "[100]", Some("0")),
             ("restart-window-s", "\"10s\"", Some("3601")),
             ("cpu-latency-qos-us", "\"none\"", Some("-5")),
+            ("osc-socket", "5", None),
+            ("osc-listen", "9000", Some("\"0.0.0.0:9000\"")),
+            ("osc-allow-remote", "\"yes\"", None),
+            ("prometheus-textfile", "5", None),
         ];
         let mut keys: Vec<&str> = cases.iter().map(|c| c.0).collect();
         keys.sort();
@@ -332,7 +343,8 @@ mod tests {
             for bad in std::iter::once(wrong_type).chain(out_of_range) {
                 // Two good lines first, so the line number is not trivially 1.
                 let text = format!("# a comment\nblock-frames = 64\n{key} = {bad}\n");
-                let text = if key == "block-frames" { text.replace("block-frames = 64\n", "gain = 0.25\n") } else { text };
+                let text =
+                    if key == "block-frames" { text.replace("block-frames = 64\n", "gain = 0.25\n") } else { text };
                 let m = match load_text(&text, &[]) {
                     Ok(c) => panic!("{key} = {bad} was accepted: {c:?}"),
                     Err(e) => e.to_string(),
@@ -366,6 +378,9 @@ mod tests {
             .collect();
         let c = load_text(&uncommented, &[]).unwrap();
         let d = Config::default();
-        assert_eq!((c.sample_rate, c.gain, c.frequency, c.output.clone()), (d.sample_rate, d.gain, d.frequency, d.output.clone()));
+        assert_eq!(
+            (c.sample_rate, c.gain, c.frequency, c.output.clone()),
+            (d.sample_rate, d.gain, d.frequency, d.output.clone())
+        );
     }
 }

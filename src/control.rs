@@ -7,12 +7,13 @@
 //! This is the supervisor's internal control module; the public entry point is the D-Bus API.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::engine::{ControlKind, ControlMsg, EngineState};
+use crate::metrics::RollingWindow;
+use crate::playback::{Playback, WorkerShm};
 use crate::shm::control::ControlRing;
-use crate::supervisor::{Shared, WorkerShm};
 
 /// Messages kept for replay. Only messages not yet covered by every live state are ever
 /// needed (a few lookahead periods' worth); the bound keeps memory flat under a flood.
@@ -24,9 +25,9 @@ pub const STAMP_MARGIN_BLOCKS: u64 = 4;
 /// A rejected control value.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ControlError {
-    #[error("frequency must be a finite number of Hz with 0 < f < {nyquist} (the Nyquist frequency at {sample_rate} Hz), got {value}")]
+    #[error("{}", crate::engine::frequency_range_message(*value, *sample_rate))]
     InvalidFrequency { value: f64, nyquist: f64, sample_rate: u32 },
-    #[error("gain must be a finite linear gain with 0 <= g <= 1, got {value}")]
+    #[error("{}", crate::engine::gain_range_message(*value))]
     InvalidGain { value: f64 },
     #[error("the engine is shutting down")]
     ShuttingDown,
@@ -37,17 +38,18 @@ pub enum ControlError {
     Busy { pending: u64 },
 }
 
+/// A frequency the engine can play (the range is the engine's, [`crate::engine::frequency_ok`]).
 pub fn validate_frequency(hz: f64, sample_rate: u32) -> Result<(), ControlError> {
-    let nyquist = sample_rate as f64 / 2.0;
-    if hz.is_finite() && hz > 0.0 && hz < nyquist {
+    if crate::engine::frequency_ok(hz, sample_rate) {
         Ok(())
     } else {
-        Err(ControlError::InvalidFrequency { value: hz, nyquist, sample_rate })
+        Err(ControlError::InvalidFrequency { value: hz, nyquist: sample_rate as f64 / 2.0, sample_rate })
     }
 }
 
+/// A gain the engine can play ([`crate::engine::gain_ok`]).
 pub fn validate_gain(g: f64) -> Result<(), ControlError> {
-    if g.is_finite() && (0.0..=1.0).contains(&g) {
+    if crate::engine::gain_ok(g) {
         Ok(())
     } else {
         Err(ControlError::InvalidGain { value: g })
@@ -87,17 +89,73 @@ pub(crate) struct ControlState {
     /// Coalesced messages the output has passed.
     coalesced_played: u64,
     last_stamp: Option<Stamp>,
+    /// Changes the workers that applied them died of (see [`ControlCore::note_fatal`]):
+    /// sequence numbers, withdrawn from every worker and from the history. Bounded by
+    /// QUARANTINE_KEPT; older ones only count in `quarantined_old`.
+    quarantined: VecDeque<u64>,
+    quarantined_old: u64,
+    /// Recent fatal deaths by the change their worker was about to apply: (seq, deaths).
+    suspects: [(u64, u32); SUSPECTS],
 }
 
-/// The supervisor's control core, shared by the control entry points and the monitor.
+/// Deaths at the same change after which it is quarantined: two workers (a primary and its
+/// hot standby, or a worker and its successor) dying as they apply it is the change, not them.
+pub const QUARANTINE_AFTER: u32 = 2;
+const SUSPECTS: usize = 8;
+const QUARANTINE_KEPT: usize = 1024;
+
+/// A change quarantined: what the log and the metrics say about it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quarantine {
+    pub msg: ControlMsg,
+    pub deaths: u32,
+    /// The value of that kind in force without it.
+    pub kept: f64,
+}
+
+/// What control counts (lock-free; read by the metrics snapshot).
+#[derive(Default)]
+pub struct ControlCounters {
+    pub received: AtomicU64,
+    /// Superseded by a later one of the same kind stamped for the same frame.
+    pub coalesced: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Refused because a worker's control ring was full (see [`ControlError::Busy`]).
+    pub busy: AtomicU64,
+    /// Deliveries that found a worker's control ring full (that worker is replaced).
+    pub undelivered: AtomicU64,
+}
+
+/// How changes are stamped: the stream's timing.
+#[derive(Debug, Clone, Copy)]
+pub struct StampTiming {
+    pub sample_rate: u32,
+    pub block_frames: u32,
+    /// The most blocks a worker may have rendered ahead of the output: its ring
+    /// (`--lookahead-blocks` plus a batch, `Config::ring_blocks`).
+    pub lookahead_blocks: u32,
+}
+
+/// The control core, shared by the control entry points ([`Control`]) and the monitor (which
+/// starts and retires the workers it broadcasts to). It reads the output position from the
+/// playback state; it knows nothing of the supervisor.
 pub(crate) struct ControlCore {
     /// Shared with the monitor (RT) when it starts a worker: priority inheritance.
     state: crate::sys::PiMutex<ControlState>,
+    pub(crate) counters: ControlCounters,
+    /// Call to first affected sample, in samples (a locking recorder: the control thread's).
+    latency: crate::sys::PiMutex<RollingWindow>,
+    play: Arc<Playback>,
+    timing: StampTiming,
 }
 
 impl ControlCore {
-    pub(crate) fn new(frequency: f64, gain: f64) -> ControlCore {
+    pub(crate) fn new(frequency: f64, gain: f64, timing: StampTiming, play: Arc<Playback>) -> ControlCore {
         ControlCore {
+            counters: ControlCounters::default(),
+            latency: crate::sys::PiMutex::new(RollingWindow::new(1024)),
+            play,
+            timing,
             state: crate::sys::PiMutex::new(ControlState {
                 next_seq: 1,
                 history: VecDeque::with_capacity(HISTORY),
@@ -109,8 +167,18 @@ impl ControlCore {
                 coalesced_in_flight: VecDeque::with_capacity(HISTORY),
                 coalesced_played: 0,
                 last_stamp: None,
+                quarantined: VecDeque::with_capacity(QUARANTINE_KEPT),
+                quarantined_old: 0,
+                suspects: [(0, 0); SUSPECTS],
             }),
         }
+    }
+
+    /// The distribution of call-to-first-affected-sample latencies (a copy, sorted outside
+    /// the lock).
+    pub(crate) fn latency_summary(&self) -> crate::metrics::Summary {
+        let copy = self.latency.lock().clone();
+        copy.summary()
     }
 
     fn lock(&self) -> crate::sys::PiGuard<'_, ControlState> {
@@ -153,13 +221,45 @@ impl ControlCore {
     }
 
     /// Changes heard in the played stream: the sequence number of the last one played (read
-    /// under the lock, so a concurrent submit cannot prune past it) minus the coalesced ones
-    /// up to it.
+    /// under the lock, so a concurrent submit cannot prune past it) minus the coalesced and
+    /// the quarantined ones up to it.
     pub(crate) fn applied(&self, played_seq: &std::sync::atomic::AtomicU64) -> u64 {
         let mut st = self.lock();
         let played = played_seq.load(Ordering::Acquire);
         st.prune_coalesced(played);
-        played.saturating_sub(st.coalesced_played)
+        let quarantined = st.quarantined_old + st.quarantined.iter().filter(|&&q| q <= played).count() as u64;
+        played.saturating_sub(st.coalesced_played).saturating_sub(quarantined)
+    }
+
+    /// A worker died of something in it (a crash signal, or hung or corrupt and killed by the
+    /// monitor; not a SIGKILL from outside) while rendering block `block`, its last valid
+    /// state `state`. The first change it was about to apply there is the suspect; once
+    /// [`QUARANTINE_AFTER`] such deaths name the same change, it is quarantined: withdrawn
+    /// from every running worker (a cancel through its control ring) and from the history
+    /// (no replay), and the value of its kind goes back to what it was without it. Returns
+    /// the quarantine, if this death made one.
+    pub(crate) fn note_fatal(&self, state: &EngineState, block: u64, block_frames: u64) -> Option<Quarantine> {
+        let mut st = self.lock();
+        let end = block.checked_add(1)?.checked_mul(block_frames)?;
+        let suspect = *st.history.iter().find(|m| m.seq > state.last_seq && m.apply_at < end)?;
+        if st.quarantined.contains(&suspect.seq) {
+            return None;
+        }
+        let slot = match st.suspects.iter().position(|&(s, _)| s == suspect.seq) {
+            Some(i) => i,
+            None => {
+                let i = (0..SUSPECTS).min_by_key(|&i| (st.suspects[i].1 != 0, st.suspects[i].0)).unwrap_or(0);
+                st.suspects[i] = (suspect.seq, 0);
+                i
+            }
+        };
+        st.suspects[slot].1 += 1;
+        let deaths = st.suspects[slot].1;
+        if deaths < QUARANTINE_AFTER {
+            return None;
+        }
+        st.suspects[slot] = (0, 0);
+        Some(st.quarantine(suspect, deaths, state))
     }
 
     /// Current targets (the last accepted values).
@@ -170,6 +270,35 @@ impl ControlCore {
 }
 
 impl ControlState {
+    fn quarantine(&mut self, msg: ControlMsg, deaths: u32, before: &EngineState) -> Quarantine {
+        self.history.retain(|m| m.seq != msg.seq);
+        if self.quarantined.len() == QUARANTINE_KEPT {
+            self.quarantined.pop_front();
+            self.quarantined_old += 1;
+        }
+        self.quarantined.push_back(msg.seq);
+        let cancel = ControlMsg::new(0, 0, ControlKind::Cancel, msg.seq as f64);
+        for t in &self.targets {
+            if !t.ctl.push(cancel) {
+                t.shm.diverged.store(true, Ordering::Relaxed);
+            }
+            t.shm.wake.notify();
+        }
+        // The value of its kind in force without it: the newest other change of that kind
+        // still queued, else what the dead worker's stream was heading for before it.
+        let newest_other = self.history.iter().rev().find(|m| m.kind == msg.kind).map(|m| m.value);
+        let kept = if msg.kind == ControlKind::SetFrequency as u32 {
+            let v = newest_other.unwrap_or(before.freq_target);
+            self.frequency = v;
+            v
+        } else {
+            let v = newest_other.unwrap_or(before.gain_target);
+            self.gain = v;
+            v
+        };
+        Quarantine { msg, deaths, kept }
+    }
+
     fn prune_coalesced(&mut self, played_seq: u64) {
         while self.coalesced_in_flight.front().is_some_and(|&s| s <= played_seq) {
             self.coalesced_in_flight.pop_front();
@@ -181,7 +310,7 @@ impl ControlState {
 /// A handle to change the engine's parameters. Cheap to clone; usable from any thread.
 #[derive(Clone)]
 pub struct Control {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) core: Arc<ControlCore>,
 }
 
 impl Control {
@@ -192,8 +321,8 @@ impl Control {
     /// [`ControlError::InvalidFrequency`] (naming the valid range) for NaN, infinite, <= 0 or
     /// >= Nyquist; nothing changes.
     pub fn set_frequency(&self, hz: f64) -> Result<Stamp, ControlError> {
-        if let Err(e) = validate_frequency(hz, self.shared.config.sample_rate) {
-            self.shared.metrics.control_rejected.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = validate_frequency(hz, self.core.timing.sample_rate) {
+            self.core.counters.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(e);
         }
         self.submit(ControlKind::SetFrequency, hz)
@@ -205,7 +334,7 @@ impl Control {
     /// [`ControlError::InvalidGain`] (naming the valid range) for NaN, infinite, < 0 or > 1.
     pub fn set_gain(&self, gain: f64) -> Result<Stamp, ControlError> {
         if let Err(e) = validate_gain(gain) {
-            self.shared.metrics.control_rejected.fetch_add(1, Ordering::Relaxed);
+            self.core.counters.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(e);
         }
         self.submit(ControlKind::SetGain, gain)
@@ -213,22 +342,23 @@ impl Control {
 
     /// The last accepted frequency (what the stream plays once its ramp is done).
     pub fn frequency(&self) -> f64 {
-        self.shared.control.params().0
+        self.core.params().0
     }
 
     pub fn gain(&self) -> f64 {
-        self.shared.control.params().1
+        self.core.params().1
     }
 
     /// The stamp of the most recently accepted change, whoever sent it (`latency_frames` 0).
     pub fn last_stamp(&self) -> Option<Stamp> {
-        self.shared.control.lock().last_stamp
+        self.core.lock().last_stamp
     }
 
     fn submit(&self, kind: ControlKind, value: f64) -> Result<Stamp, ControlError> {
-        let sh = &self.shared;
-        let bf = sh.config.block_frames as u64;
-        let mut st = sh.control.lock();
+        let core = &*self.core;
+        let bf = core.timing.block_frames as u64;
+        let played_seq = &core.play.counters.played_seq;
+        let mut st = core.lock();
         if st.stopping {
             return Err(ControlError::ShuttingDown);
         }
@@ -236,16 +366,16 @@ impl Control {
         // capacity, so that replaying them into a new worker's empty ring always fits; and no
         // ring may be full (only the workers free room, so room seen here under the lock is
         // still there at the push below).
-        let in_flight = (st.next_seq - 1).saturating_sub(sh.metrics.played_seq.load(Ordering::Relaxed));
-        if in_flight >= crate::supervisor::CONTROL_CAPACITY as u64 || st.targets.iter().any(|t| t.ctl.is_full()) {
-            sh.metrics.control_busy.fetch_add(1, Ordering::Relaxed);
+        let in_flight = (st.next_seq - 1).saturating_sub(played_seq.load(Ordering::Relaxed));
+        if in_flight >= crate::shm::control::CONTROL_CAPACITY as u64 || st.targets.iter().any(|t| t.ctl.is_full()) {
+            core.counters.busy.fetch_add(1, Ordering::Relaxed);
             return Err(ControlError::Busy { pending: in_flight });
         }
         // Stamp beyond anything a worker may have rendered: workers stay within `lookahead`
         // blocks of the output position; STAMP_MARGIN_BLOCKS more absorb the time until the
         // message is in every ring (this thread may be preempted; workers count a late one).
-        let (pos, now_frame) = sh.output_now();
-        let apply_at = (pos + sh.config.lookahead_blocks as u64 + STAMP_MARGIN_BLOCKS) * bf;
+        let (pos, now_frame) = core.play.position.now(&core.play.settings);
+        let apply_at = (pos + core.timing.lookahead_blocks as u64 + STAMP_MARGIN_BLOCKS) * bf;
         let seq = st.next_seq;
         st.next_seq += 1;
         let msg = ControlMsg::new(seq, apply_at, kind, value);
@@ -256,7 +386,7 @@ impl Control {
         for t in &st.targets {
             if !t.ctl.push(msg) {
                 // Its stream would now differ from the others': the monitor replaces it.
-                sh.metrics.control_undelivered.fetch_add(1, Ordering::Relaxed);
+                core.counters.undelivered.fetch_add(1, Ordering::Relaxed);
                 t.shm.diverged.store(true, Ordering::Relaxed);
             }
             t.shm.wake.notify();
@@ -264,11 +394,13 @@ impl Control {
         match kind {
             ControlKind::SetFrequency => st.frequency = value,
             ControlKind::SetGain => st.gain = value,
+            ControlKind::Cancel => {}
         }
+        core.play.changed.notify();
         let k = kind as usize % 2;
         if st.last_apply_at[k] == Some(apply_at) {
             // The previous message of this kind (seq - 1 or earlier) is superseded.
-            let played = sh.metrics.played_seq.load(Ordering::Relaxed);
+            let played = played_seq.load(Ordering::Relaxed);
             st.prune_coalesced(played);
             if st.coalesced_in_flight.len() == HISTORY {
                 // Cannot happen while the output plays; keep the bound anyway.
@@ -278,16 +410,16 @@ impl Control {
             let prev = st.history.iter().rev().skip(1).find(|m| m.kind == kind as u32).map_or(0, |m| m.seq);
             let at = st.coalesced_in_flight.partition_point(|&s| s < prev);
             st.coalesced_in_flight.insert(at, prev);
-            sh.metrics.control_coalesced.fetch_add(1, Ordering::Relaxed);
+            core.counters.coalesced.fetch_add(1, Ordering::Relaxed);
         }
         st.last_apply_at[k] = Some(apply_at);
         let stamp = Stamp { seq, apply_at, latency_frames: 0, msg };
         st.last_stamp = Some(stamp);
         drop(st);
-        sh.metrics.control_received.fetch_add(1, Ordering::Relaxed);
+        core.counters.received.fetch_add(1, Ordering::Relaxed);
         // Latency from the frame playing at the call to the first affected frame.
         let latency_frames = apply_at.saturating_sub(now_frame);
-        sh.metrics.record(|w| w.control_latency_samples.push(latency_frames as f64));
+        core.latency.lock().push(latency_frames as f64);
         Ok(Stamp { latency_frames, ..stamp })
     }
 }

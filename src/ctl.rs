@@ -18,7 +18,11 @@ pub const EXIT_UNREACHABLE: u8 = 3;
 pub const EXIT_REJECTED: u8 = 4;
 
 #[derive(Parser, Debug)]
-#[command(name = "audiowardenctl", version, about = "Control and inspect the audiowarden service over D-Bus (system bus)")]
+#[command(
+    name = "audiowardenctl",
+    version,
+    about = "Control and inspect the audiowarden service over D-Bus (system bus)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -44,8 +48,11 @@ pub enum Command {
     },
     /// Every metric the service exports.
     Metrics {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "prometheus")]
         json: bool,
+        /// In the Prometheus text exposition format (as the textfile collector reads it).
+        #[arg(long)]
+        prometheus: bool,
     },
     /// Show the status every second until Ctrl-C.
     Watch,
@@ -116,7 +123,8 @@ impl Failure {
     fn report(self) -> ExitCode {
         match self {
             Failure::Unreachable(why) => {
-                let bus = std::env::var("DBUS_SYSTEM_BUS_ADDRESS").unwrap_or_else(|_| "unix:path=/run/dbus/system_bus_socket".into());
+                let bus = std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
+                    .unwrap_or_else(|_| "unix:path=/run/dbus/system_bus_socket".into());
                 eprintln!("audiowardenctl: cannot reach {BUS_NAME}: {why}");
                 eprintln!("  bus: {bus}");
                 eprintln!("  hint: systemctl status audiowarden; journalctl -u audiowarden");
@@ -216,70 +224,97 @@ fn db(gain: f64) -> String {
 
 /// The human status screen: aligned, at most 80 columns, colour only on a terminal.
 fn render_status(s: &Status, colour: bool) -> String {
-    let m = &s.metrics;
     let paint = |code: &str, text: &str| if colour { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_owned() };
     let state = match s.state.as_str() {
         "running" => paint("1;32", &s.state),
         "degraded" | "starting" => paint("1;33", &s.state),
         _ => paint("1;31", &s.state),
     };
-    let sr = num(m, "sample_rate");
-    let ms = |samples: f64| samples * 1000.0 / sr;
+    let (sr, up) = (num(&s.metrics, "sample_rate"), num(&s.metrics, "uptime_s") as u64);
+    let mut out = format!("audiowarden {state}  (up {}h {:02}m {:02}s, {} Hz)\n", up / 3600, up / 60 % 60, up % 60, sr);
+    for (label, value) in activity_lines(s).into_iter().chain(health_lines(&s.metrics, &paint)) {
+        out.push_str(&format!("  {label:<11} {value}\n"));
+    }
+    out
+}
+
+/// What it plays, who renders it and what control it took.
+fn activity_lines(s: &Status) -> Vec<(&'static str, String)> {
+    let m = &s.metrics;
+    let ms = |samples: f64| samples * 1000.0 / num(m, "sample_rate");
     let pid = |k: &str| match num(m, k) as u64 {
         0 => "none".to_owned(),
         p => p.to_string(),
     };
-    let up = num(m, "uptime_s") as u64;
-    let mut out = String::new();
-    let mut line = |label: &str, value: String| {
-        out.push_str(&format!("  {label:<11} {value}\n"));
-    };
-    let head = format!("audiowarden {state}  (up {}h {:02}m {:02}s, {} Hz)\n", up / 3600, up / 60 % 60, up % 60, sr);
-    line("tone", format!("{:.1} Hz, gain {:.3} ({})", s.frequency, s.gain, db(s.gain)));
-    line(
-        "workers",
-        format!(
-            "primary {}, spare {} ({}), reserve {}",
-            pid("primary_pid"),
-            pid("spare_pid"),
-            if flag(m, "spare_ready") { "ready" } else { "not ready" },
-            pid("reserve_pid")
-        ),
-    );
-    line(
-        "control",
-        format!(
-            "{} received, {} applied, {} coalesced, {} rejected",
-            count(num(m, "control_received")),
-            count(num(m, "control_applied")),
-            count(num(m, "control_coalesced")),
-            count(num(m, "control_rejected"))
-        ),
-    );
     let (p95, p99) = (num(m, "control_latency_p95_samples"), num(m, "control_latency_p99_samples"));
-    line("latency", format!("p95 {p95} samples ({:.2} ms), p99 {p99} samples ({:.2} ms)", ms(p95), ms(p99)));
-    line(
-        "failovers",
-        format!(
-            "{}, last {:.3} ms, p99 {:.3} ms (crashes {})",
-            count(num(m, "failover_count")),
-            num(m, "failover_time_ms"),
-            num(m, "failover_time_ms_p99"),
-            count(num(m, "crash_count"))
+    vec![
+        ("tone", format!("{:.1} Hz, gain {:.3} ({})", s.frequency, s.gain, db(s.gain))),
+        (
+            "workers",
+            format!(
+                "primary {}, spare {} ({}), reserve {}",
+                pid("primary_pid"),
+                pid("spare_pid"),
+                if flag(m, "spare_ready") { "ready" } else { "not ready" },
+                pid("reserve_pid")
+            ),
         ),
-    );
-    line(
-        "rebuilds",
-        format!("{}, last {:.3} ms, p99 {:.3} ms", count(num(m, "replacements")), num(m, "rebuild_time_ms"), num(m, "rebuild_time_ms_p99")),
-    );
-    let underruns = num(m, "underruns");
-    let u = count(underruns);
-    line("underruns", format!("{} in {} frames played", if underruns > 0.0 { paint("1;31", &u) } else { u }, count(num(m, "frames_played"))));
-    let leaks = num(m, "shm_leaks");
-    let l = format!("{leaks} leaks");
-    line("shm", format!("{} segments, {}", num(m, "shm_segments"), if leaks > 0.0 { paint("1;31", &l) } else { l }));
-    line("realtime", format!("{}, cpu {:.1} %", if flag(m, "realtime") { "yes" } else { "no (SCHED_FIFO refused)" }, num(m, "cpu_percent")));
-    head + &out
+        (
+            "control",
+            format!(
+                "{} received, {} applied, {} coalesced, {} rejected",
+                count(num(m, "control_received")),
+                count(num(m, "control_applied")),
+                count(num(m, "control_coalesced")),
+                count(num(m, "control_rejected"))
+            ),
+        ),
+        ("latency", format!("p95 {p95} samples ({:.2} ms), p99 {p99} samples ({:.2} ms)", ms(p95), ms(p99))),
+    ]
+}
+
+/// How well it has held up: failovers, rebuilds, underruns, leaks, real-time. Trouble is red.
+fn health_lines(m: &HashMap<String, OwnedValue>, paint: &dyn Fn(&str, &str) -> String) -> Vec<(&'static str, String)> {
+    let red_if = |bad: bool, text: String| if bad { paint("1;31", &text) } else { text };
+    let (underruns, leaks) = (num(m, "underruns"), num(m, "shm_leaks"));
+    vec![
+        (
+            "failovers",
+            format!(
+                "{}, last {:.3} ms, p99 {:.3} ms (crashes {})",
+                count(num(m, "failover_count")),
+                num(m, "failover_time_ms"),
+                num(m, "failover_time_ms_p99"),
+                count(num(m, "crash_count"))
+            ),
+        ),
+        (
+            "rebuilds",
+            format!(
+                "{}, last {:.3} ms, p99 {:.3} ms",
+                count(num(m, "replacements")),
+                num(m, "rebuild_time_ms"),
+                num(m, "rebuild_time_ms_p99")
+            ),
+        ),
+        (
+            "underruns",
+            format!(
+                "{} in {} frames played",
+                red_if(underruns > 0.0, count(underruns)),
+                count(num(m, "frames_played"))
+            ),
+        ),
+        ("shm", format!("{} segments, {}", num(m, "shm_segments"), red_if(leaks > 0.0, format!("{leaks} leaks")))),
+        (
+            "realtime",
+            format!(
+                "{}, cpu {:.1} %",
+                if flag(m, "realtime") { "yes" } else { "no (SCHED_FIFO refused)" },
+                num(m, "cpu_percent")
+            ),
+        ),
+    ]
 }
 
 fn status_json(s: &Status) -> serde_json::Value {
@@ -302,10 +337,11 @@ fn emit(out: &mut impl Write, text: &str) -> Result<(), Failure> {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     let mut stdout = std::io::stdout();
-    if let Command::Outputs = cli.command {
-        return emit(&mut stdout, &crate::output::outputs_text());
-    }
-    let p = proxy()?;
+    // Every command but `outputs` talks to the daemon.
+    let p = match cli.command {
+        Command::Outputs => return emit(&mut stdout, &crate::output::outputs_text()),
+        _ => proxy()?,
+    };
     let f = Failure::from_zbus;
     match cli.command {
         Command::Status { json } => {
@@ -319,7 +355,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::SetFrequency { hz } => p.set_frequency(hz).map_err(f)?,
         Command::SetGain { gain } => p.set_gain(gain).map_err(f)?,
-        Command::Metrics { json } => {
+        Command::Metrics { prometheus: true, .. } => emit(&mut stdout, &p.get_metrics_prometheus().map_err(f)?)?,
+        Command::Metrics { json, .. } => {
             let m = p.get_metrics().map_err(f)?;
             let sorted = metrics_json(&m);
             if json {
@@ -334,13 +371,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let (applied, needs_restart, refused) = p.reload().map_err(f)?;
             emit(&mut stdout, &reload_text(&applied, &needs_restart, &refused))?;
         }
-        Command::Outputs => unreachable!("handled above"),
+        Command::Outputs => {} // answered above, without the daemon
         Command::Watch => {
             let tty = stdout.is_terminal();
             loop {
                 let screen = match fetch(&p) {
                     Ok(s) => render_status(&s, tty),
-                    Err(Failure::Unreachable(why) | Failure::Rejected(why)) => format!("audiowarden: not reachable ({why})\n"),
+                    Err(Failure::Unreachable(why) | Failure::Rejected(why)) => {
+                        format!("audiowarden: not reachable ({why})\n")
+                    }
                     Err(Failure::Output(e)) => return Err(Failure::Output(e)),
                 };
                 let clear = if tty { "\x1b[H\x1b[2J" } else { "" };
@@ -396,23 +435,21 @@ mod tests {
 
     #[test]
     fn status_fits_80_columns_and_has_no_colour_off_a_terminal() {
-        let m = crate::dbus::metrics_dict(
-            &crate::MetricsSnapshot {
-                primary_pid: 4_000_000,
-                spare_pid: 4_000_001,
-                reserve_pid: 4_000_002,
-                control_received: 1_000_000_000,
-                crash_count: 5_000_000_000,
-                underruns: 123_456_789_012,
-                control_applied: 1_000_000_000,
-                control_coalesced: 1_000_000,
-                control_rejected: 1_000_000,
-                frames_played: u64::MAX / 2,
-                sample_rate: 48_000,
-                ..Default::default()
-            },
-            64,
-        );
+        let m = crate::dbus::metrics_dict(&crate::MetricsSnapshot {
+            primary_pid: 4_000_000,
+            spare_pid: 4_000_001,
+            reserve_pid: 4_000_002,
+            control_received: 1_000_000_000,
+            crash_count: 5_000_000_000,
+            underruns: 123_456_789_012,
+            control_applied: 1_000_000_000,
+            control_coalesced: 1_000_000,
+            control_rejected: 1_000_000,
+            frames_played: u64::MAX / 2,
+            sample_rate: 48_000,
+            block_frames: 64,
+            ..Default::default()
+        });
         let s = Status { state: "degraded".into(), frequency: 23_999.9, gain: 0.0, metrics: m };
         let plain = render_status(&s, false);
         for l in plain.lines() {

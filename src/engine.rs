@@ -15,6 +15,29 @@ pub const CHANNELS: usize = 2;
 /// Capacity of the engine's queue of received but not yet due control messages.
 pub const PENDING_CAPACITY: usize = 1024;
 
+/// The frequencies the engine plays: finite, 0 < f < Nyquist. The one definition of the range:
+/// control, the configuration and D-Bus validate with it, and a state read from a worker's
+/// memory is checked against it.
+pub fn frequency_ok(hz: f64, sample_rate: u32) -> bool {
+    hz.is_finite() && hz > 0.0 && hz < sample_rate as f64 / 2.0
+}
+
+/// The linear gains the engine plays: finite, 0 <= g <= 1.
+pub fn gain_ok(g: f64) -> bool {
+    g.is_finite() && (0.0..=1.0).contains(&g)
+}
+
+/// Why `value` is not a frequency the engine plays, naming the range.
+pub fn frequency_range_message(value: f64, sample_rate: u32) -> String {
+    let nyquist = sample_rate as f64 / 2.0;
+    format!("frequency must be a finite number of Hz with 0 < f < {nyquist} (the Nyquist frequency at {sample_rate} Hz), got {value}")
+}
+
+/// Why `value` is not a gain the engine plays, naming the range.
+pub fn gain_range_message(value: f64) -> String {
+    format!("gain must be a finite linear gain with 0 <= g <= 1, got {value}")
+}
+
 /// Engine state at a block boundary, as committed with every block into the audio ring
 /// (shared memory, hence `repr(C)` and only plain numbers).
 #[repr(C)]
@@ -33,8 +56,46 @@ pub struct EngineState {
     pub gain_ramp_left: u64,
     /// Sequence number of the last control message applied (0: none).
     pub last_seq: u64,
+    /// Checksum of the block's samples ([`samples_check`]): a stray write into a published
+    /// block (a worker's memory corruption) makes the block invalid instead of audible.
+    pub samples_check: u64,
     /// Checksum over the fields above: a torn or garbage state from a dying worker fails it.
     pub check: u64,
+}
+
+/// FNV-1a over the bits of every sample: what [`EngineState::samples_check`] holds for the
+/// block rendered into `samples`. Cheap (one multiply per sample) and no allocation: it runs
+/// in the render loop and on the output thread.
+pub fn samples_check(samples: &[f32]) -> u64 {
+    let mut h = SamplesCheck::new();
+    h.add(samples);
+    h.finish()
+}
+
+/// [`samples_check`] computed piecewise (over a block read in parts).
+pub struct SamplesCheck(u64);
+
+impl SamplesCheck {
+    pub fn new() -> SamplesCheck {
+        SamplesCheck(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub fn add(&mut self, samples: &[f32]) {
+        for s in samples {
+            self.0 ^= s.to_bits() as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for SamplesCheck {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl EngineState {
@@ -50,6 +111,7 @@ impl EngineState {
             gain_target: gain,
             gain_ramp_left: ramp_frames,
             last_seq: 0,
+            samples_check: 0,
             check: 0,
         };
         s.seal();
@@ -68,6 +130,7 @@ impl EngineState {
             self.gain_target.to_bits(),
             self.gain_ramp_left,
             self.last_seq,
+            self.samples_check,
         ];
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for w in words {
@@ -85,9 +148,7 @@ impl EngineState {
     /// True if this state is internally consistent and within the ranges the engine can produce.
     /// Anything read from a worker's memory goes through this before it is trusted.
     pub fn is_valid(&self, sample_rate: u32) -> bool {
-        let nyquist = sample_rate as f64 / 2.0;
-        let freq_ok = |f: f64| f.is_finite() && f > 0.0 && f < nyquist;
-        let gain_ok = |g: f64| g.is_finite() && (0.0..=1.0).contains(&g);
+        let freq_ok = |f: f64| frequency_ok(f, sample_rate);
         self.check == self.checksum()
             && self.phase.is_finite()
             && (0.0..1.0).contains(&self.phase)
@@ -106,6 +167,10 @@ impl EngineState {
 pub enum ControlKind {
     SetFrequency = 1,
     SetGain = 2,
+    /// Not a change: withdraws the pending change whose sequence number is `value` (a change
+    /// quarantined because the workers that applied it died). Unsequenced (`seq` 0), taken at
+    /// once when received, never replayed.
+    Cancel = 3,
 }
 
 /// One control message, as it travels through a worker's control ring (shared memory).
@@ -135,6 +200,8 @@ pub struct ControlStats {
     pub late: u64,
     /// Dropped because their sequence number was already applied (replays after a handoff).
     pub duplicates: u64,
+    /// Withdrawn by a cancel (quarantined changes).
+    pub cancelled: u64,
 }
 
 /// The oscillator plus its queue of pending control messages.
@@ -196,7 +263,12 @@ impl Engine {
 
     /// Queues a message received from the control ring. Messages already applied (a replay
     /// after a handoff) are dropped here, so nothing is applied twice. Returns false when full.
+    /// A [`ControlKind::Cancel`] removes the pending message it names instead.
     pub fn enqueue(&mut self, msg: ControlMsg) -> bool {
+        if msg.kind == ControlKind::Cancel as u32 {
+            self.cancel(msg.value as u64);
+            return true;
+        }
         let newest = if self.pending_len > 0 {
             self.pending[(self.pending_head + self.pending_len - 1) % self.pending.len()].seq
         } else {
@@ -213,6 +285,27 @@ impl Engine {
         self.pending[i] = msg;
         self.pending_len += 1;
         true
+    }
+
+    /// Drops the pending message with sequence number `seq`, if it is queued.
+    fn cancel(&mut self, seq: u64) {
+        let cap = self.pending.len();
+        let Some(k) = (0..self.pending_len).find(|&k| self.pending[(self.pending_head + k) % cap].seq == seq) else {
+            return;
+        };
+        for j in k..self.pending_len - 1 {
+            self.pending[(self.pending_head + j) % cap] = self.pending[(self.pending_head + j + 1) % cap];
+        }
+        self.pending_len -= 1;
+        self.stats.cancelled += 1;
+    }
+
+    /// The pending messages due before frame `end` (those the next block up to `end` applies).
+    pub fn due_before(&self, end: u64) -> impl Iterator<Item = &ControlMsg> {
+        let cap = self.pending.len();
+        (0..self.pending_len)
+            .map(move |k| &self.pending[(self.pending_head + k) % cap])
+            .take_while(move |m| m.apply_at < end)
     }
 
     fn front(&self) -> Option<ControlMsg> {
@@ -269,13 +362,21 @@ impl Engine {
             }
             s.frame += 1;
         }
+        self.state.samples_check = samples_check(out);
         self.state.seal();
     }
 }
 
 /// Renders `frames` frames from the initial state with `msgs` applied at their stamps: the
 /// crash-free reference the tests compare a captured stream with.
-pub fn render_reference(sample_rate: u32, freq: f64, gain: f64, msgs: &[ControlMsg], frames: usize, block: usize) -> Vec<f32> {
+pub fn render_reference(
+    sample_rate: u32,
+    freq: f64,
+    gain: f64,
+    msgs: &[ControlMsg],
+    frames: usize,
+    block: usize,
+) -> Vec<f32> {
     let mut e = Engine::new(sample_rate, EngineState::initial(freq, gain, ramp_frames(sample_rate)));
     let mut out = vec![0.0f32; frames * CHANNELS];
     let mut next = 0;
@@ -341,6 +442,23 @@ mod tests {
         e.render(&mut one);
         assert_eq!(e.state().last_seq, 1);
         assert_eq!(e.stats.late, 0);
+    }
+
+    #[test]
+    fn a_cancel_withdraws_the_pending_change_it_names() {
+        let sr = 48_000;
+        let mut e = Engine::new(sr, EngineState::initial(440.0, 0.5, ramp_frames(sr)));
+        assert!(e.enqueue(ControlMsg::new(1, 10, ControlKind::SetFrequency, 880.0)));
+        assert!(e.enqueue(ControlMsg::new(2, 20, ControlKind::SetGain, 0.1)));
+        assert!(e.enqueue(ControlMsg::new(3, 30, ControlKind::SetFrequency, 660.0)));
+        assert_eq!(e.due_before(25).map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+        assert!(e.enqueue(ControlMsg::new(0, 0, ControlKind::Cancel, 2.0)));
+        assert_eq!(e.stats.cancelled, 1);
+        let mut block = [0.0f32; 2 * 64];
+        e.render(&mut block);
+        assert_eq!(e.state().last_seq, 3, "1 and 3 applied");
+        assert_eq!(e.state().gain_target, 0.5, "the cancelled gain change never applied");
+        assert_eq!(e.state().freq_target, 660.0);
     }
 
     #[test]

@@ -6,6 +6,14 @@
 //! pre-warmed standby continues the stream sample-exactly. Changes arrive through
 //! [`control`]; everything is measured in [`metrics`].
 
+// Layers, top to bottom (each module uses only those below it; tests/layering.rs checks):
+//   ctl, dbus, osc, notify, reload, logging -> supervisor -> config_file -> control, output, worker
+//   -> playback -> config, metrics, shm, engine -> sys.
+// `unsafe` is denied but in sys, shm and playback (the lock-free slot table).
+#![deny(unsafe_code)]
+// Short functions (the threshold is in clippy.toml); `cargo clippy -D warnings` enforces it.
+#![warn(clippy::too_many_lines)]
+
 pub mod config;
 pub mod config_file;
 pub mod control;
@@ -15,7 +23,9 @@ pub mod engine;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod osc;
 pub mod output;
+pub mod playback;
 pub mod reload;
 pub mod shm;
 pub mod supervisor;

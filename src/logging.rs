@@ -23,7 +23,8 @@ pub enum Sink {
 /// Installs the global subscriber (once per process). `AUDIOWARDEN_LOG=stderr` forces stderr.
 pub fn init() -> Sink {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let want_journal = std::env::var("AUDIOWARDEN_LOG").map_or(true, |v| v != "stderr") && Path::new(JOURNAL_SOCKET).exists();
+    let want_journal =
+        std::env::var("AUDIOWARDEN_LOG").map_or(true, |v| v != "stderr") && Path::new(JOURNAL_SOCKET).exists();
     let journald = want_journal.then(tracing_journald::layer).and_then(Result::ok);
     match journald {
         Some(layer) => {
@@ -33,7 +34,9 @@ pub fn init() -> Sink {
         }
         None => {
             use std::io::IsTerminal;
-            let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+            let fmt = tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal());
             tracing_subscriber::registry().with(filter).with(fmt).init();
             Sink::Stderr
         }

@@ -1,5 +1,9 @@
 //! `audiowardend`: the supervisor daemon, or (with `--worker`, internal) a worker process.
 
+#![deny(unsafe_code)]
+// Short functions (the threshold is in clippy.toml); `cargo clippy -D warnings` enforces it.
+#![warn(clippy::too_many_lines)]
+
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,39 +21,75 @@ fn main() -> ExitCode {
         // The worker role: no logging framework, no clap; it must stay small.
         return ExitCode::from(audiowarden::worker::main(&args[2..]) as u8);
     }
+    let config = match load_config() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    // Sockets systemd passed (the OSC socket units), taken before any thread starts.
+    let activated: Vec<std::os::fd::RawFd> = sd_notify::listen_fds().map(Iterator::collect).unwrap_or_default();
+    // Signals are taken synchronously by this thread; every thread started later inherits
+    // the mask (workers get a clean mask at spawn).
+    let sigs = audiowarden::sys::BlockedSignals::block_term_int_hup();
+    let mut notifier = audiowarden::notify::Notifier::new();
+    let sup = match start_when_there_is_room(&config, &sigs, &mut notifier) {
+        Ok(Some(s)) => s,
+        Ok(None) => return ExitCode::SUCCESS, // stopped while waiting
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    serve(&sup, config, &activated, &sigs, &mut notifier);
+    match sup.shutdown() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("stopping: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The configuration from the flags and files, validated; the one-shot modes
+/// (`--check-config`, `--list-outputs`) end here with their exit code. Logging is set up
+/// once the daemon is going to run.
+fn load_config() -> Result<audiowarden::Config, ExitCode> {
     let config = match audiowarden::config_file::load(std::env::args_os()) {
         Ok(c) => c,
         // Bad flags, --help, --version: clap prints and exits (2 for errors, 0 otherwise).
         Err(audiowarden::config_file::LoadError::Args(e)) => e.exit(),
         Err(e) => {
             eprintln!("audiowardend: {}", e.to_string().trim_end());
-            return ExitCode::from(EXIT_CONFIG);
+            return Err(ExitCode::from(EXIT_CONFIG));
         }
     };
     if config.check_config {
         println!("configuration OK");
-        return ExitCode::SUCCESS;
+        return Err(ExitCode::SUCCESS);
     }
     if config.list_outputs {
         list_outputs();
-        return ExitCode::SUCCESS;
+        return Err(ExitCode::SUCCESS);
     }
     audiowarden::logging::init();
     if let Err(e) = config.validate() {
         tracing::error!("{e}");
-        return ExitCode::from(EXIT_CONFIG);
+        return Err(ExitCode::from(EXIT_CONFIG));
     }
-    // Signals are taken synchronously by this thread; every thread started later inherits
-    // the mask (workers get a clean mask at spawn).
-    let sigs = block_signals();
-    let started_with = config.clone();
-    let sup = match Supervisor::start(config) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot start: {e}");
-            return ExitCode::from(EXIT_START);
-        }
-    };
+    Ok(config)
+}
+
+/// The main thread while the daemon runs: takes the signals (SIGHUP reloads, SIGTERM and
+/// SIGINT stop), pings systemd's watchdog and logs a summary every 10 s. Returns once
+/// stopping has been announced and the D-Bus name released, before the audio stops.
+fn serve(
+    sup: &Supervisor,
+    started_with: audiowarden::Config,
+    activated: &[std::os::fd::RawFd],
+    sigs: &audiowarden::sys::BlockedSignals,
+    notifier: &mut audiowarden::notify::Notifier,
+) {
+    // OSC, the engine's original control path (none of it on the audio path either).
+    let osc_sockets = audiowarden::osc::open(&started_with, activated);
     // SIGHUP and the D-Bus Reload method share one reloader (one reload at a time).
     let reloader = Arc::new(Mutex::new(Reloader::new(std::env::args_os().collect(), started_with, sup.handle())));
     // The D-Bus API; the audio does not depend on it (it retries if the bus is away).
@@ -60,15 +100,18 @@ fn main() -> ExitCode {
             None
         }
     };
+    let osc = audiowarden::osc::OscServer::start(sup.handle(), osc_sockets).unwrap_or_else(|e| {
+        tracing::error!("cannot start the OSC thread: {e}");
+        None
+    });
     let handle = sup.handle();
-    let mut notifier = audiowarden::notify::Notifier::new();
     if let Some(w) = notifier.watchdog() {
         tracing::info!("systemd watchdog every {w:?}: pinged while the output advances and the monitor turns");
     }
     let summary_every = Duration::from_secs(10);
     let mut last_summary = std::time::Instant::now();
     loop {
-        match wait_signal(&sigs, notifier.interval()) {
+        match sigs.wait(notifier.interval()) {
             Some(libc::SIGHUP) => {
                 tracing::info!("SIGHUP: reloading the configuration");
                 notifier.reloading();
@@ -83,35 +126,77 @@ fn main() -> ExitCode {
             None => {}
         }
         notifier.tick(&handle, service.as_ref().is_some_and(|s| s.name_owned()));
-        if last_summary.elapsed() < summary_every {
-            continue;
+        if last_summary.elapsed() >= summary_every {
+            last_summary = std::time::Instant::now();
+            log_summary(sup);
         }
-        last_summary = std::time::Instant::now();
-        let m = sup.metrics();
-        tracing::info!(
-            "playing {:.1} Hz gain {:.2}; primary {} spare {} ({}); crashes {} replacements {}; failover p99 {:.3} ms; underruns {}; shm leaks {}; cpu {:.1}%",
-            sup.control().frequency(),
-            sup.control().gain(),
-            m.primary_pid,
-            m.spare_pid,
-            if m.spare_ready { "ready" } else { "not ready" },
-            m.crash_count,
-            m.replacements,
-            m.failover_time_ms.p99,
-            m.underruns,
-            m.shm_leaks,
-            m.cpu_percent
-        );
     }
     // Announce `stopping` (to systemd and on the bus) and release the name before the audio
     // stops.
     notifier.stopping();
+    drop(osc);
     drop(service);
-    match sup.shutdown() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("stopping: {e}");
-            ExitCode::FAILURE
+}
+
+/// The periodic one-line story for journalctl.
+fn log_summary(sup: &Supervisor) {
+    let m = sup.metrics();
+    tracing::info!(
+        "playing {:.1} Hz gain {:.2}; primary {} spare {} ({}); crashes {} replacements {}; failover p99 {:.3} ms; underruns {}; shm leaks {}; cpu {:.1}%",
+        sup.control().frequency(),
+        sup.control().gain(),
+        m.primary_pid,
+        m.spare_pid,
+        if m.spare_ready { "ready" } else { "not ready" },
+        m.crash_count,
+        m.replacements,
+        m.failover_time_ms.p99,
+        m.underruns,
+        m.shm_leaks,
+        m.cpu_percent
+    );
+}
+
+/// Starts the supervisor. A full shm file system (/dev/shm is world-writable: anyone can fill
+/// it) is not fatal: one line says so, and the start is retried with backoff (up to 5 s)
+/// until there is room, telling systemd we are alive and still starting. None if a signal
+/// stopped the wait.
+fn start_when_there_is_room(
+    config: &audiowarden::Config,
+    sigs: &audiowarden::sys::BlockedSignals,
+    notifier: &mut audiowarden::notify::Notifier,
+) -> Result<Option<Supervisor>, audiowarden::StartError> {
+    let mut backoff = Duration::from_millis(100);
+    let mut waiting_since: Option<std::time::Instant> = None;
+    loop {
+        match Supervisor::start(config.clone()) {
+            Ok(s) => {
+                if let Some(t) = waiting_since {
+                    tracing::info!(
+                        "there is room in {} again: started after waiting {:.1} s",
+                        config.shm_dir.display(),
+                        t.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(Some(s));
+            }
+            Err(e) if e.is_no_space() => {
+                if waiting_since.is_none() {
+                    waiting_since = Some(std::time::Instant::now());
+                    tracing::error!(
+                        SHM_DIR = %config.shm_dir.display(),
+                        "cannot start: {e}: the shared-memory file system is full; waiting for room, retrying every few seconds"
+                    );
+                }
+                notifier
+                    .still_starting(&format!("waiting for room in {} (full)", config.shm_dir.display()), backoff * 2);
+                if let Some(sig) = sigs.wait(backoff) {
+                    tracing::info!("signal {sig}: stopping before the start");
+                    return Ok(None);
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -121,26 +206,4 @@ fn list_outputs() {
     use std::io::Write;
     // A closed pipe (`| head`) is fine; nothing else can go wrong that we could report.
     let _ = std::io::stdout().write_all(audiowarden::output::outputs_text().as_bytes());
-}
-
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset; pthread_sigmask on the
-    // calling thread with a valid set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Waits up to `timeout` for one of the blocked signals; returns it if one came.
-fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
-    let ts = libc::timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
-    // SAFETY: a valid set and timespec; no siginfo requested.
-    let r = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
-    (r > 0).then_some(r)
 }

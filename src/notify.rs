@@ -48,7 +48,8 @@ impl Notifier {
     /// How long the main loop may sleep between calls to [`Notifier::tick`]: a quarter of the
     /// watchdog period (so one late wake-up does not cost a restart), at most one second.
     pub fn interval(&self) -> Duration {
-        self.watchdog.map_or(Duration::from_secs(1), |w| (w / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+        self.watchdog
+            .map_or(Duration::from_secs(1), |w| (w / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
     }
 
     pub fn watchdog(&self) -> Option<Duration> {
@@ -84,6 +85,20 @@ impl Notifier {
         }
         let window = self.watchdog.map_or(Duration::from_secs(1), |w| w / 2);
         self.last_progress.elapsed() < window
+    }
+
+    /// Still starting (e.g. waiting for room in a full shm file system): STATUS=`status`,
+    /// more start-up time (EXTEND_TIMEOUT_USEC, so TimeoutStartSec does not fail the unit
+    /// while there is nothing wrong with us), and a watchdog ping (systemd runs the watchdog
+    /// from the start on).
+    pub fn still_starting(&mut self, status: &str, for_at_least: Duration) {
+        let usec = u32::try_from(for_at_least.as_micros()).unwrap_or(u32::MAX);
+        let mut states = vec![NotifyState::Status(status), NotifyState::ExtendTimeoutUsec(usec)];
+        if self.watchdog.is_some() {
+            states.push(NotifyState::Watchdog);
+        }
+        self.send(&states);
+        self.status = status.to_owned();
     }
 
     /// RELOADING=1 (with the monotonic time systemd asks for) before a reload; systemd shows

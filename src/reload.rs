@@ -12,9 +12,7 @@ use crate::config::Config;
 use crate::config_file::{self, LoadError};
 use crate::supervisor::Handle;
 
-/// The settings a reload applies to the running service.
-pub const LIVE_SETTINGS: [&str; 7] =
-    ["frequency", "gain", "output-priority", "monitor-priority", "render-priority", "max-restarts", "restart-window-s"];
+pub use crate::config::LIVE_SETTINGS;
 
 /// One setting whose value in the file differs from the one in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +46,11 @@ impl Report {
 
     /// One log line.
     pub fn summary(&self) -> String {
-        let mut s = if self.applied.is_empty() { "nothing to apply".to_owned() } else { format!("applied {}", Self::join(&self.applied)) };
+        let mut s = if self.applied.is_empty() {
+            "nothing to apply".to_owned()
+        } else {
+            format!("applied {}", Self::join(&self.applied))
+        };
         if !self.needs_restart.is_empty() {
             s += &format!("; needs a restart to take effect: {}", Self::join(&self.needs_restart));
         }
@@ -104,7 +106,8 @@ impl Reloader {
             }
         }
         if changed("output-priority") || changed("monitor-priority") || changed("render-priority") {
-            (c.output_priority, c.monitor_priority, c.render_priority) = (new.output_priority, new.monitor_priority, new.render_priority);
+            (c.output_priority, c.monitor_priority, c.render_priority) =
+                (new.output_priority, new.monitor_priority, new.render_priority);
             report.refused.extend(self.sup.set_priorities(c.output_priority, c.monitor_priority, c.render_priority));
         }
         if changed("max-restarts") || changed("restart-window-s") {
@@ -127,7 +130,10 @@ impl Reloader {
                 Ok(r)
             }
             Err(e) => {
-                tracing::error!("configuration not reloaded, the settings in force are kept: {}", e.to_string().trim_end());
+                tracing::error!(
+                    "configuration not reloaded, the settings in force are kept: {}",
+                    e.to_string().trim_end()
+                );
                 Err(e)
             }
         }

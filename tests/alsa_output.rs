@@ -40,7 +40,10 @@ fn assert_capture_is_reference(jack: &JackServer, freq: f64, gain: f64, underrun
         }
     }
     // Underruns between the last metrics read and the stop may add a few more without RT.
-    assert!(silent == underruns || (!expect_rt() && silent > underruns), "{silent} silent blocks in the capture, {underruns} underruns counted");
+    assert!(
+        silent == underruns || (!expect_rt() && silent > underruns),
+        "{silent} silent blocks in the capture, {underruns} underruns counted"
+    );
     let frames = got.len() / CHANNELS;
     assert!(frames > 48_000 * 2, "only {frames} frames captured");
     let want = render_reference(48_000, freq, gain, &[], frames, 64);
@@ -65,7 +68,12 @@ fn three_kills_through_cpal_are_inaudible() {
 fn three_kills_are_inaudible(output: &str) {
     let jack = JackServer::start();
     let bus = PrivateBus::start();
-    let mut d = Daemon::start_with_env(&bus, "alsa-kills", &["--output", output, "--frequency", "1000", "--gain", "0.5"], &jack.env());
+    let mut d = Daemon::start_with_env(
+        &bus,
+        "alsa-kills",
+        &["--output", output, "--frequency", "1000", "--gain", "0.5"],
+        &jack.env(),
+    );
     let conn = bus.connection();
     let p = proxy(&conn);
     let m = p.get_metrics().unwrap();
@@ -79,7 +87,9 @@ fn three_kills_are_inaudible(output: &str) {
         common::signal(victim, libc::SIGKILL);
         wait_until(&format!("rebuild {k}"), Duration::from_secs(5), || {
             let m = p.get_metrics().unwrap();
-            get_u64(&m, "replacements") == k && get_bool(&m, "spare_ready")
+            get_u64(&m, "replacements") == k
+                && get_bool(&m, "spare_ready")
+                && get_u64(&m, "primary_pid") as u32 != victim
         });
     }
     std::thread::sleep(Duration::from_secs(10).saturating_sub(t0.elapsed()));
@@ -149,17 +159,33 @@ fn stalled_writer_is_an_xrun(output: &str) {
 fn list_outputs_shows_every_alsa_playback_pcm_and_cpal_devices() {
     let jack = JackServer::start();
     let env = jack.env();
-    let ours = std::process::Command::new(env!("CARGO_BIN_EXE_audiowardend")).arg("--list-outputs").envs(env.iter().map(|(k, v)| (k, v))).output().unwrap();
+    let ours = std::process::Command::new(env!("CARGO_BIN_EXE_audiowardend"))
+        .arg("--list-outputs")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
     assert!(ours.status.success());
     let ours = String::from_utf8_lossy(&ours.stdout).into_owned();
-    let aplay = std::process::Command::new("aplay").arg("-L").envs(env.iter().map(|(k, v)| (k, v))).output().expect("aplay -L");
-    let names: Vec<String> = String::from_utf8_lossy(&aplay.stdout).lines().filter(|l| !l.starts_with(char::is_whitespace) && !l.is_empty()).map(str::to_owned).collect();
+    let aplay =
+        std::process::Command::new("aplay").arg("-L").envs(env.iter().map(|(k, v)| (k, v))).output().expect("aplay -L");
+    let names: Vec<String> = String::from_utf8_lossy(&aplay.stdout)
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace) && !l.is_empty())
+        .map(str::to_owned)
+        .collect();
     assert!(names.iter().any(|n| n == "null"), "aplay -L: {names:?}");
     for n in &names {
-        assert!(ours.lines().any(|l| l.split_whitespace().next() == Some(&format!("alsa:{n}"))), "alsa:{n} missing from --list-outputs:\n{ours}");
+        assert!(
+            ours.lines().any(|l| l.split_whitespace().next() == Some(&format!("alsa:{n}"))),
+            "alsa:{n} missing from --list-outputs:\n{ours}"
+        );
     }
     assert!(ours.starts_with("virtual"));
-    let ctl = std::process::Command::new(env!("CARGO_BIN_EXE_audiowardenctl")).arg("outputs").envs(env.iter().map(|(k, v)| (k, v))).output().unwrap();
+    let ctl = std::process::Command::new(env!("CARGO_BIN_EXE_audiowardenctl"))
+        .arg("outputs")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&ctl.stdout), ours, "audiowardenctl outputs == audiowardend --list-outputs");
     // cpal enumerates the same PCMs through its ALSA host.
     assert!(ours.lines().any(|l| l.starts_with("cpal:awcapture ")), "cpal:awcapture missing:\n{ours}");
@@ -197,7 +223,10 @@ fn device_loss_and_return(output: &str, tag: &str) {
     assert_eq!(get_u64(&m, "device_losses"), 1);
     let played = get_u64(&m, "frames_played");
     std::thread::sleep(Duration::from_millis(500));
-    assert!(get_u64(&p.get_metrics().unwrap(), "frames_played") > played, "the engine keeps going on the virtual clock");
+    assert!(
+        get_u64(&p.get_metrics().unwrap(), "frames_played") > played,
+        "the engine keeps going on the virtual clock"
+    );
     jack.restart();
     let t0 = std::time::Instant::now();
     while p.state().unwrap() != "running" {
@@ -211,7 +240,92 @@ fn device_loss_and_return(output: &str, tag: &str) {
     assert_eq!(get_u64(&m, "crash_count"), 0);
     // It plays into the device again: a second recording grows.
     wait_until("a second recording", Duration::from_secs(5), || jack.capture_paths().len() == 2);
-    wait_until("a second recording with sound", Duration::from_secs(5), || JackServer::read_f32(&jack.capture_paths()[1]).len() > 48_000);
+    wait_until("a second recording with sound", Duration::from_secs(5), || {
+        JackServer::read_f32(&jack.capture_paths()[1]).len() > 48_000
+    });
     let st = d.stop();
     assert!(st.success(), "{st}:\n{}", d.log_text());
+}
+
+/// A JACK server stopped (SIGSTOP) rather than gone: the device makes no room, is declared
+/// lost, and reopening it blocks for as long as the server is stopped (ALSA's JACK plugin waits
+/// for it forever). That open runs on a helper thread, never on the output thread: the virtual
+/// clock plays on the whole time (the position advances in every 200 ms), and once the server
+/// continues the reopened device takes over again.
+#[test]
+fn a_device_whose_reopen_blocks_does_not_stop_the_output() {
+    let jack = JackServer::start();
+    let bus = PrivateBus::start();
+    let mut d = Daemon::start_with_env(&bus, "alsa-stopped", &["--output", "alsa:awcapture"], &jack.env());
+    let conn = bus.connection();
+    let p = proxy(&conn);
+    std::thread::sleep(Duration::from_millis(500));
+    common::signal(jack.jackd_pid, libc::SIGSTOP);
+    let resume = Resume(jack.jackd_pid);
+    wait_until("degraded", Duration::from_secs(5), || p.state().unwrap() == "degraded");
+    // The reopen is now stuck in the helper: the output thread plays the virtual clock.
+    let mut last = get_u64(&p.get_metrics().unwrap(), "frames_played");
+    for k in 0..10 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = get_u64(&p.get_metrics().unwrap(), "frames_played");
+        assert!(
+            now >= last + 4_800,
+            "the output stopped while a reopen blocked ({}th 200 ms: {} frames):\n{}",
+            k + 1,
+            now - last,
+            d.log_text()
+        );
+        last = now;
+    }
+    drop(resume); // SIGCONT
+    wait_until("running again", Duration::from_secs(10), || p.state().unwrap() == "running");
+    let m = p.get_metrics().unwrap();
+    assert_eq!(get_u64(&m, "device_losses"), 1);
+    assert_eq!(get_u64(&m, "crash_count"), 0);
+    let st = d.stop();
+    assert!(st.success(), "{st}:\n{}", d.log_text());
+}
+
+/// SIGCONT on drop (also when the test fails), so a stopped jackd never outlives it.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the jackd this test started.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+/// alsa-lib's own messages (it prints them to stderr: "ALSA lib pcm.c:2666:(snd_pcm_open_noupdate)
+/// Unknown PCM ...", eight lines of "cannot find card '0'" for `default` on a machine without
+/// a card) go into the daemon's log at debug level instead, so a new user sees the daemon's
+/// own lines first.
+#[test]
+fn alsa_libs_own_messages_go_to_the_log_at_debug_level() {
+    // The shm dir the daemon creates (and keeps, emptied) goes with this one.
+    let dir = tempfile::tempdir().unwrap();
+    let run = |log: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_audiowardend"))
+            .args(["--output", "alsa:aw_no_such_pcm", "--osc-socket", "none", "--shm-dir"])
+            .arg(dir.path().join("shm"))
+            .env("AUDIOWARDEN_LOG", "stderr")
+            .env("RUST_LOG", log)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run audiowardend")
+    };
+    let out = run("info");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "cannot start: {stderr}");
+    assert!(!stderr.contains("ALSA lib"), "alsa-lib printed on its own:\n{stderr}");
+    assert!(stderr.contains("aw_no_such_pcm"), "the daemon's own error names the device:\n{stderr}");
+    let out = run("debug");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("DEBUG") && l.contains("alsa-lib:") && l.contains("Unknown PCM aw_no_such_pcm")),
+        "alsa-lib's message is not in the log at debug level:\n{stderr}"
+    );
+    assert!(!stderr.contains("ALSA lib"), "{stderr}");
 }

@@ -45,7 +45,12 @@ fn status_set_and_metrics_against_the_live_daemon() {
         m["primary_pid"].as_u64().unwrap() as u32
     });
     // watch: a fresh screen every second until interrupted.
-    let w = bus.command(env!("CARGO_BIN_EXE_audiowardenctl")).arg("watch").stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let w = bus
+        .command(env!("CARGO_BIN_EXE_audiowardenctl"))
+        .arg("watch")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(2500));
     common::signal(w.id(), libc::SIGINT);
     let out = String::from_utf8_lossy(&w.wait_with_output().unwrap().stdout).into_owned();
@@ -77,7 +82,12 @@ fn exit_codes_bad_arguments_rejected_and_unreachable() {
     assert_eq!(o.status.code(), Some(3));
     let err = text(&o).1;
     assert!(err.contains("cannot reach org.audiowarden.Engine1") && err.contains("hint:"), "{err}");
-    let o = bus.command(env!("CARGO_BIN_EXE_audiowardenctl")).env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/socket").arg("status").output().unwrap();
+    let o = bus
+        .command(env!("CARGO_BIN_EXE_audiowardenctl"))
+        .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/socket")
+        .arg("status")
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(3), "{}", text(&o).1);
 }
 
@@ -100,7 +110,10 @@ fn reload_prints_what_was_applied_and_what_needs_a_restart() {
     let o = ctl(&bus, &["reload"]);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(4), "{err}");
-    assert!(err.contains("audiowarden.toml:2:") && err.contains("block-frames") && err.contains("nothing was changed"), "{err}");
+    assert!(
+        err.contains("audiowarden.toml:2:") && err.contains("block-frames") && err.contains("nothing was changed"),
+        "{err}"
+    );
     let v: serde_json::Value = serde_json::from_slice(&ctl(&bus, &["status", "--json"]).stdout).unwrap();
     assert_eq!(v["gain"], 0.5);
 }

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use audiowarden::dbus::{BUS_NAME, INTERFACE, OBJECT_PATH, REQUIRED_METRICS};
+use audiowarden::dbus::{metric_keys, BUS_NAME, INTERFACE, OBJECT_PATH};
 use common::bus::{get_bool, get_u64, proxy, rss_kib, Daemon, PrivateBus};
 use common::wait_until;
 
@@ -49,9 +49,9 @@ fn busctl_calls_every_method_and_reads_every_property() {
     let v: serde_json::Value = serde_json::from_str(&json).expect("busctl JSON");
     assert_eq!(v["type"], "a{sv}");
     let dict = &v["data"][0];
-    for (key, sig) in REQUIRED_METRICS {
-        let entry = &dict[*key];
-        assert_eq!(entry["type"], *sig, "GetMetrics[{key}] should be of type {sig}: {entry}");
+    for (key, sig) in metric_keys() {
+        let entry = &dict[key.as_str()];
+        assert_eq!(entry["type"], sig, "GetMetrics[{key}] should be of type {sig}: {entry}");
     }
     assert_eq!(dict["primary_pid"]["data"], pid);
     assert_eq!(dict["sample_rate"]["data"], 48000);
@@ -88,18 +88,30 @@ fn live_introspection_matches_the_shipped_xml() {
         let node = zbus_xml::Node::from_reader(xml.as_bytes()).expect("valid introspection XML");
         let iface = node.interfaces().iter().find(|i| i.name() == INTERFACE).expect("our interface").clone();
         let args = |a: &[zbus_xml::Arg]| {
-            a.iter().map(|a| format!("{}:{:?}:{:?}", a.name().unwrap_or(""), a.ty(), a.direction())).collect::<Vec<_>>().join(",")
+            a.iter()
+                .map(|a| format!("{}:{:?}:{:?}", a.name().unwrap_or(""), a.ty(), a.direction()))
+                .collect::<Vec<_>>()
+                .join(",")
         };
         let mut items: Vec<String> = Vec::new();
-        items.extend(iface.methods().iter().map(|m| format!("method {}({}) {:?}", m.name(), args(m.args()), m.annotations())));
-        items.extend(iface.signals().iter().map(|s| format!("signal {}({}) {:?}", s.name(), args(s.args()), s.annotations())));
-        items.extend(iface.properties().iter().map(|p| format!("property {} {:?} {:?} {:?}", p.name(), p.ty(), p.access(), p.annotations())));
+        items.extend(
+            iface.methods().iter().map(|m| format!("method {}({}) {:?}", m.name(), args(m.args()), m.annotations())),
+        );
+        items.extend(
+            iface.signals().iter().map(|s| format!("signal {}({}) {:?}", s.name(), args(s.args()), s.annotations())),
+        );
+        items.extend(
+            iface
+                .properties()
+                .iter()
+                .map(|p| format!("property {} {:?} {:?} {:?}", p.name(), p.ty(), p.access(), p.annotations())),
+        );
         items.sort();
         items
     };
     let (live, shipped) = (canon(&live), canon(&shipped));
     assert_eq!(live, shipped, "dbus/org.audiowarden.Engine1.xml differs from the live service");
-    assert_eq!(live.len(), 4 + 1 + 5);
+    assert_eq!(live.len(), 5 + 1 + 5);
 }
 
 #[test]
@@ -175,11 +187,21 @@ fn bad_values_are_invalid_args_naming_the_range_and_change_nothing() {
     // The error's name as a plain D-Bus tool shows it.
     let out = bus
         .command("dbus-send")
-        .args(["--system", "--print-reply", &format!("--dest={BUS_NAME}"), OBJECT_PATH, &format!("{INTERFACE}.SetGain"), "double:7"])
+        .args([
+            "--system",
+            "--print-reply",
+            &format!("--dest={BUS_NAME}"),
+            OBJECT_PATH,
+            &format!("{INTERFACE}.SetGain"),
+            "double:7",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("org.freedesktop.DBus.Error.InvalidArgs") && err.contains("0 <= g <= 1"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("org.freedesktop.DBus.Error.InvalidArgs") && err.contains("0 <= g <= 1"),
+        "{err}"
+    );
 
     // Wrong types and arity are refused by the bus binding before any of our code runs.
     for args in [&["s", "loud"][..], &["u", "7"], &[]] {
@@ -229,11 +251,23 @@ fn unprivileged_users_read_metrics_but_only_group_audio_may_set() {
     // And nobody may own the name.
     let own = bus
         .command("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus"])
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "dbus-send",
+            "--system",
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+        ])
         .args(["/org/freedesktop/DBus", "org.freedesktop.DBus.RequestName", &format!("string:{BUS_NAME}"), "uint32:4"])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&own.stderr).contains("AccessDenied"), "RequestName as nobody: {}", String::from_utf8_lossy(&own.stderr));
+    assert!(
+        String::from_utf8_lossy(&own.stderr).contains("AccessDenied"),
+        "RequestName as nobody: {}",
+        String::from_utf8_lossy(&own.stderr)
+    );
 }
 
 /// 2,000 SetFrequency calls as fast as one client sends them (pipelined, not waiting for
@@ -244,13 +278,18 @@ fn a_flood_of_2000_set_frequency_calls() {
     let bus = PrivateBus::start();
     let d = Daemon::start(&bus, "flood", &[]);
     let conn = zbus::block_on(zbus::connection::Builder::address(bus.address.as_str()).unwrap().build()).unwrap();
-    let p = zbus::block_on(audiowarden::dbus::Engine1Proxy::builder(&conn).cache_properties(zbus::proxy::CacheProperties::No).build()).unwrap();
+    let p = zbus::block_on(
+        audiowarden::dbus::Engine1Proxy::builder(&conn).cache_properties(zbus::proxy::CacheProperties::No).build(),
+    )
+    .unwrap();
     // Pipelined, at most 64 calls in flight: the system bus allows 128 pending replies per
     // connection.
     let flood = |n: usize, base: f64| {
         use futures_util::StreamExt;
         let values: Vec<f64> = (0..n).map(|i| base + i as f64 * 0.25).collect();
-        let results: Vec<_> = zbus::block_on(futures_util::stream::iter(values.iter().map(|&hz| p.set_frequency(hz))).buffered(64).collect());
+        let results: Vec<_> = zbus::block_on(
+            futures_util::stream::iter(values.iter().map(|&hz| p.set_frequency(hz))).buffered(64).collect(),
+        );
         for r in results {
             r.expect("SetFrequency");
         }
@@ -276,7 +315,11 @@ fn a_flood_of_2000_set_frequency_calls() {
     assert_eq!(get_u64(&m, "control_late"), 0);
     assert_eq!(get_u64(&m, "control_undelivered"), 0);
     assert_eq!(zbus::block_on(p.frequency()).unwrap(), last);
-    eprintln!("flood: applied {} coalesced {}; rss {rss0} -> {rss1} KiB", get_u64(&m, "control_applied"), get_u64(&m, "control_coalesced"));
+    eprintln!(
+        "flood: applied {} coalesced {}; rss {rss0} -> {rss1} KiB",
+        get_u64(&m, "control_applied"),
+        get_u64(&m, "control_coalesced")
+    );
     // A second flood: memory must not grow with the number of calls.
     let last = flood(2000, 1000.0);
     let m = settle(4000);

@@ -9,18 +9,21 @@ mod common;
 
 use std::time::Duration;
 
-use audiowarden::{OutputSpec, StandbyMode, Supervisor};
+use audiowarden::{OutputSpec, StandbyMode};
 use common::*;
 
-fn fault(kind: &str, standby: StandbyMode, tag: &str) {
+/// Runs a supervisor whose first worker to render 50 blocks misbehaves as `kind`; returns what
+/// the worker reported (the `truncate` fault's results), if anything.
+fn fault(kind: &str, standby: StandbyMode, tag: &str) -> String {
     let shm = ShmDir::new(tag);
     let wav = temp_wav(tag);
     let marker = wav.path.with_extension("fault");
     std::env::set_var("AUDIOWARDEN_TEST_FAULT", format!("{kind}:{}", marker.display()));
     let cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), standby, 1000.0, 0.5);
-    let sup = Supervisor::start(cfg.clone()).expect("start");
-    wait_until("the faulty worker to die", Duration::from_secs(5), || sup.metrics().crash_count >= 1);
-    wait_rebuilt(&sup, 1);
+    let (sup, mut watch) = Watch::start(cfg.clone());
+    // The first worker to render 50 blocks misbehaves: the primary or the spare.
+    let faulty = watch.any_death();
+    watch.replaced(faulty);
     std::thread::sleep(Duration::from_millis(700));
     let m = sup.metrics();
     sup.shutdown().unwrap();
@@ -28,6 +31,13 @@ fn fault(kind: &str, standby: StandbyMode, tag: &str) {
     assert!(marker.exists(), "the fault never fired");
     assert_eq!(m.crash_count, 1);
     assert_eq!(m.hang_kills, u64::from(kind == "spin"), "{m:?}");
+    // A scribbling worker is killed for its corrupt block; a garbage one aborts, unless the
+    // monitor saw its garbage block first and killed it for that.
+    match kind {
+        "scribble" => assert_eq!(m.faulty_kills, 1, "{m:?}"),
+        "garbage" => assert!(m.faulty_kills <= 1, "{m:?}"),
+        _ => assert_eq!(m.faulty_kills, 0, "{m:?}"),
+    }
     assert_eq!(m.state_resyncs, 0);
     // With real-time scheduling the takeover always fits the lookahead. Without it (CI's
     // second pass) a warm standby was once seen a period late: the stream must then still
@@ -37,6 +47,7 @@ fn fault(kind: &str, standby: StandbyMode, tag: &str) {
     }
     let skipped = assert_matches_reference(&wav.path, &cfg, &[], true);
     assert_eq!(skipped as u64, m.underruns, "silent blocks in the capture vs underruns counted");
+    std::fs::read_to_string(format!("{}.result", marker.display())).unwrap_or_default()
 }
 
 #[test]
@@ -46,4 +57,19 @@ fn garbage_from_a_dying_worker_and_an_endless_loop_are_contained() {
     fault("garbage", StandbyMode::Hot, "garbage-hot");
     fault("spin", StandbyMode::Warm, "spin-warm");
     fault("spin", StandbyMode::Hot, "spin-hot");
+    // A stray write into a block already published: never played as noise, and the worker
+    // whose memory it is gets replaced from its last valid block before the output gets there.
+    fault("scribble", StandbyMode::Warm, "scribble-warm");
+    fault("scribble", StandbyMode::Hot, "scribble-hot");
+    // A worker that tries to shrink its own segment under the supervisor (same uid, it can
+    // reopen the path): its sandbox refuses every way, so only the worker is hurt. Without
+    // the filter the supervisor (this very process) would die of SIGBUS at its next read.
+    for (standby, tag) in [(StandbyMode::Warm, "truncate-warm"), (StandbyMode::Hot, "truncate-hot")] {
+        let result = fault("truncate", standby, tag);
+        let lines: Vec<&str> = result.lines().collect();
+        assert_eq!(lines.len(), 5, "every attempt reported: {result}");
+        for l in &lines {
+            assert!(l.contains("Operation not permitted"), "not refused: {l}\n{result}");
+        }
+    }
 }

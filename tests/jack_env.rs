@@ -36,7 +36,11 @@ fn aplay_through_awcapture_is_paced_and_recorded() {
     let wall = t0.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "aplay failed ({}): {stderr}\n--- jackd.log ---\n{}", out.status, jack.log());
-    eprintln!("aplay: {wall:?} for 1 s of audio; jackd logged {} xruns; aplay said: {}", jack.xruns_in_log(), stderr.trim());
+    eprintln!(
+        "aplay: {wall:?} for 1 s of audio; jackd logged {} xruns; aplay said: {}",
+        jack.xruns_in_log(),
+        stderr.trim()
+    );
 
     // Recorded exactly; aplay pads its last period with silence, and adds a whole period of it
     // when the input ends on a period boundary (as here: 750 periods of 64 frames).

@@ -76,7 +76,7 @@ fn a_failover_is_in_the_journal_with_structured_fields() {
     wait_until("a rebuilt spare", Duration::from_secs(5), || {
         let m = p.get_metrics().unwrap();
         new = get_u64(&m, "primary_pid") as u32;
-        get_u64(&m, "replacements") == 1 && get_bool(&m, "spare_ready")
+        get_u64(&m, "replacements") == 1 && get_bool(&m, "spare_ready") && new != old
     });
     // The dead worker's segments are reclaimed a little later.
     std::thread::sleep(Duration::from_millis(300));
@@ -85,7 +85,11 @@ fn a_failover_is_in_the_journal_with_structured_fields() {
     assert!(p.set_gain(2.0).is_err());
     let status = ns.finish();
     assert!(status.success(), "with-journald.sh failed: {status}");
-    assert_eq!(std::fs::read_to_string(work.path().join("cmd.status")).unwrap().trim(), "0", "audiowardend exit status");
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("cmd.status")).unwrap().trim(),
+        "0",
+        "audiowardend exit status"
+    );
 
     let journal = std::fs::read_to_string(work.path().join("journal.json")).unwrap();
     let entries: Vec<serde_json::Value> = journal
@@ -110,13 +114,17 @@ fn a_failover_is_in_the_journal_with_structured_fields() {
     assert!(s(&fo, "FAILOVER_US").parse::<u64>().is_ok(), "{fo}");
     let rebuilt = find("the rebuild", &|e| e.get("REBUILD_US").is_some());
     assert!(s(&rebuilt, "NEW_PID").parse::<u32>().is_ok_and(|p| p > 0));
-    let reclaimed = find("the reclaimed segments", &|e| e.get("SEGMENT").is_some() && s(e, "WORKER_PID") == old.to_string());
+    let reclaimed =
+        find("the reclaimed segments", &|e| e.get("SEGMENT").is_some() && s(e, "WORKER_PID") == old.to_string());
     assert_eq!(s(&reclaimed, "SEGMENT").split(',').count(), 2, "{reclaimed}");
     find("the stop", &|e| s(e, "MESSAGE").contains("stopping"));
     let rejected_logged: Vec<_> = entries.iter().filter(|e| e.get("METHOD").is_some()).collect();
     // The burst may straddle a second: at most 10 per second, plus the later one.
     assert!((2..=21).contains(&rejected_logged.len()), "{} of 31 rejected calls logged", rejected_logged.len());
-    assert!(entries.iter().any(|e| s(e, "MESSAGE").ends_with("more rejected calls were not logged")), "no count of unlogged rejections:\n{journal}");
+    assert!(
+        entries.iter().any(|e| s(e, "MESSAGE").ends_with("more rejected calls were not logged")),
+        "no count of unlogged rejections:\n{journal}"
+    );
     let rejected = rejected_logged[0].clone();
     assert_eq!(s(&rejected, "METHOD"), "SetGain");
     assert_eq!(s(&rejected, "VALUE").parse::<f64>().ok(), Some(2.0));

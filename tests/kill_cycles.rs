@@ -8,7 +8,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use audiowarden::shm::registry::Manifest;
-use audiowarden::sys::open_fd_count;
 use audiowarden::{OutputSpec, StandbyMode, Supervisor};
 use common::*;
 
@@ -21,12 +20,15 @@ fn fifty_kill_cycles_leave_nothing_behind() {
     let shm = ShmDir::new("cycles");
     let cfg = config(&shm, OutputSpec::Virtual, StandbyMode::Hot, 440.0, 0.25);
     let sup = Supervisor::start(cfg).expect("start");
-    std::thread::sleep(Duration::from_millis(100));
-    let fds_before = open_fd_count();
+    let mut watch = Watch::new(&sup);
+    // Every worker's fds (pidfd, two eventfds) exist from its spawn on.
+    wait_until("the first reserve", Duration::from_secs(2), || sup.metrics().reserve_pid != 0);
+    let fds_before = stable_fds(&shm.0);
     for n in 1..=50u64 {
         let victim = sup.metrics().primary_pid;
-        signal(victim, libc::SIGKILL);
-        let m = wait_rebuilt(&sup, n);
+        let m = kill_primary_and_wait_rebuilt(&sup, &mut watch, victim);
+        // The pool is whole again (a new reserve after this kill), so the fd count compares.
+        watch.reserve_after(victim);
         assert!(m.spare_ready, "spare not ready after rebuild {n}");
         assert_eq!(m.crash_count, n);
         std::thread::sleep(Duration::from_millis(20));
@@ -43,7 +45,8 @@ fn fifty_kill_cycles_leave_nothing_behind() {
     assert_eq!(m.rebuild_time_ms.count, 50);
 
     // The dir holds exactly the live workers' segments, and the manifest lists exactly those.
-    let manifest: Manifest = serde_json::from_str(&std::fs::read_to_string(shm.0.join("manifest.json")).unwrap()).unwrap();
+    let manifest: Manifest =
+        serde_json::from_str(&std::fs::read_to_string(shm.0.join("manifest.json")).unwrap()).unwrap();
     let listed: BTreeSet<String> = manifest.allocations.iter().map(|a| a.id.clone()).collect();
     let mut files = dir_entries(&shm.0);
     files.remove("manifest.json");
@@ -60,7 +63,7 @@ fn fifty_kill_cycles_leave_nothing_behind() {
     assert_eq!(manifest.stats.active_count, 6);
     assert_eq!(manifest.stats.leaked_count, 0);
 
-    assert_eq!(open_fd_count(), fds_before, "supervisor fd count changed over 50 cycles");
+    assert_eq!(stable_fds(&shm.0), fds_before, "the supervisor's fds changed over 50 cycles");
     sup.shutdown().unwrap();
-    assert!(!shm.0.exists(), "shm dir left behind after shutdown");
+    assert_shm_dir_emptied(&shm.0);
 }

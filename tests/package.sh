@@ -22,8 +22,11 @@ EXPECTED_FILES="
 /etc/audiowarden/audiowarden.toml
 /usr/bin/audiowardenctl
 /usr/bin/audiowardend
+/usr/lib/systemd/system/audiowarden-osc-udp.socket
+/usr/lib/systemd/system/audiowarden-osc.socket
 /usr/lib/systemd/system/audiowarden.service
 /usr/lib/sysusers.d/audiowarden.conf
+/usr/lib/tmpfiles.d/audiowarden.conf
 /usr/share/bash-completion/completions/audiowardenctl
 /usr/share/bash-completion/completions/audiowardend
 /usr/share/dbus-1/interfaces/org.audiowarden.Engine1.xml
@@ -236,11 +239,23 @@ check_user() {
     return 0
 }
 
+# The shm registry directory exists from the install on, owned by the service user, 0700
+# (tmpfiles.d/audiowarden.conf, applied by postinst): nobody else can create it first.
+check_shm_dir() {
+    local st
+    st=$(stat -c '%F %U:%G %a' /dev/shm/audiowarden 2>&1) || { fail "no /dev/shm/audiowarden: $st"; return; }
+    echo "/dev/shm/audiowarden: $st"
+    [ "$st" = "directory audiowarden:audiowarden 700" ] || fail "/dev/shm/audiowarden is '$st', not 'directory audiowarden:audiowarden 700'"
+    return 0
+}
+
 # systemd-analyze verify works without systemd as PID 1: it loads the unit and its
 # dependencies, checks that ExecStart= is executable and runs `man` for each
 # Documentation=man: page, so it also proves that the man pages are installed.
 check_systemd_verify() {
-    systemd-analyze verify "$UNIT" >"$tmp/verify" 2>&1 || fail "systemd-analyze verify $UNIT failed"
+    local sockets="/usr/lib/systemd/system/audiowarden-osc.socket /usr/lib/systemd/system/audiowarden-osc-udp.socket"
+    # shellcheck disable=SC2086
+    systemd-analyze verify "$UNIT" $sockets >"$tmp/verify" 2>&1 || fail "systemd-analyze verify $UNIT $sockets failed"
     grep -v '^$' "$tmp/verify" && fail "systemd-analyze verify printed warnings"
     return 0
 }
@@ -405,8 +420,9 @@ check_reinstall() {
 # leftover shared memory is removed; the user stays (Debian policy, see postrm).
 check_purge() {
     local p made_shm=0
-    if [ ! -e /dev/shm/audiowarden ]; then
-        mkdir /dev/shm/audiowarden && echo '{}' >/dev/shm/audiowarden/manifest.json && made_shm=1
+    # What an instance killed last would leave (its manifest), in the directory postinst made.
+    if [ -d /dev/shm/audiowarden ]; then
+        echo '{}' >/dev/shm/audiowarden/manifest.json && made_shm=1
     fi
     dpkg --purge "$PKG" || fail "dpkg --purge failed"
     for p in $EXPECTED_FILES; do [ -e "$p" ] && fail "still there: $p"; done
@@ -446,6 +462,7 @@ run install fatal
 run installed_files
 run version
 run user
+run shm_dir
 run systemd_verify
 run dbus_policy_dtd
 run dbus_policy_loads

@@ -65,7 +65,8 @@ fn reload_over_dbus_and_sighup_applies_what_it_reports() {
     assert_eq!(get_u64(&m, "sample_rate"), 48_000, "the sample rate needs a restart");
 
     // The priorities moved: the running output and monitor threads, and every worker.
-    let workers: Vec<u32> = ["primary_pid", "spare_pid", "reserve_pid"].iter().map(|k| get_u64(&m, k) as u32).filter(|&p| p != 0).collect();
+    let workers: Vec<u32> =
+        ["primary_pid", "spare_pid", "reserve_pid"].iter().map(|k| get_u64(&m, k) as u32).filter(|&p| p != 0).collect();
     assert!(workers.len() >= 2, "{m:?}");
     let output = threads_named(d.pid(), "aw-output");
     let monitor = threads_named(d.pid(), "aw-monitor");
@@ -99,14 +100,18 @@ fn reload_over_dbus_and_sighup_applies_what_it_reports() {
     wait_until("the frequency reloaded by SIGHUP", Duration::from_secs(5), || p.frequency().unwrap() == 330.0);
     let heard = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(2)).ok()).find(|&v| v == 330.0);
     assert_eq!(heard, Some(330.0), "no PropertiesChanged(Frequency) with the reloaded value");
-    wait_until("the reload logged", Duration::from_secs(5), || d.log_text().contains("configuration reloaded: applied frequency 440 -> 330"));
+    wait_until("the reload logged", Duration::from_secs(5), || {
+        d.log_text().contains("configuration reloaded: applied frequency 440 -> 330")
+    });
 
     // A bad file: an error naming its line and key, nothing applied, still playing.
     write(&file, "frequency = 220.0\ngain = 2.0\n");
     let err = p.reload().expect_err("a bad file must be refused").to_string();
     assert!(err.contains("InvalidFileContent") && err.contains(":2:") && err.contains("gain"), "{err}");
     signal(d.pid(), libc::SIGHUP);
-    wait_until("the refused SIGHUP reload logged", Duration::from_secs(5), || d.log_text().contains("configuration not reloaded"));
+    wait_until("the refused SIGHUP reload logged", Duration::from_secs(5), || {
+        d.log_text().contains("configuration not reloaded")
+    });
     assert_eq!((p.frequency().unwrap(), p.gain().unwrap()), (330.0, 0.5), "a bad file changes nothing");
     if rt_expected() {
         assert_eq!(fifo(output[0]), 85, "a bad file changes nothing");
@@ -128,7 +133,13 @@ fn reloaded_restart_intensity_throttles_a_crash_loop() {
     let args: Vec<std::ffi::OsString> = ["audiowardend", "--output", "virtual", "--config"]
         .iter()
         .map(Into::into)
-        .chain([file.clone().into_os_string(), "--shm-dir".into(), shm.0.clone().into_os_string(), "--worker-exe".into(), script.into_os_string()])
+        .chain([
+            file.clone().into_os_string(),
+            "--shm-dir".into(),
+            shm.0.clone().into_os_string(),
+            "--worker-exe".into(),
+            script.into_os_string(),
+        ])
         .collect();
     let cfg = audiowarden::config_file::load(args.clone()).expect("config");
     let sup = Supervisor::start(cfg.clone()).expect("start");

@@ -34,9 +34,11 @@ trap cleanup EXIT
 # The Debian package (tests/package.sh): dpkg-dev (dpkg-shlibdeps, for cargo-deb's $auto
 # Depends), libxml2-utils (xmllint), libdbus-1-dev (the D-Bus DTDs and their XML catalog),
 # man-db (man; systemd-analyze verify runs it for Documentation=man:), adduser (the postinst
-# without systemd-sysusers).
+# without systemd-sysusers). liblo-tools: oscsend, the real OSC client (tests/osc.rs).
+# prometheus (promtool), prometheus-node-exporter: the real checker and scraper
+# (tests/prometheus.rs; their services are not started: no systemd as PID 1 here).
 need_pkgs=(pkg-config libasound2-dev dbus systemd util-linux procps jackd2 libasound2-plugins alsa-utils
-    dpkg-dev libxml2-utils libdbus-1-dev man-db adduser)
+    dpkg-dev libxml2-utils libdbus-1-dev man-db adduser liblo-tools prometheus prometheus-node-exporter)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${need_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -46,10 +48,20 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     fi
 fi
 
+# Formatting (rustfmt.toml) and lints (clippy, warnings denied) are part of the suite.
+echo "== cargo fmt --check; cargo clippy --all-targets -- -D warnings"
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+
 # The integration tests run one at a time: each starts a supervisor with RT threads and two
 # workers, and a 2-core machine is what they are meant to pass on.
 echo "== tests, with real-time scheduling where the machine grants it"
 cargo test --release --all-targets -- --test-threads=1 2>&1 | tee -a "$log"
+
+# The library's unit tests once more in a debug build: overflow checks on, so arithmetic on
+# values a broken worker can write (ring indices) is proven not to overflow (shm::ring tests).
+echo "== unit tests in a debug build (overflow checks)"
+cargo test --lib 2>&1 | tee -a "$log"
 
 # Builds the .deb from the release binaries just built, installs it with dpkg, checks it and
 # purges it (needs root).
@@ -71,9 +83,15 @@ else
 fi
 
 echo "== benchmarks (smoke runs; the README's figures come from 500 cycles and 1000 calls)"
-AW_BENCH_CYCLES=50 cargo bench --bench failover
+# The failover smoke run also draws target/figures/failover.svg.
+AW_BENCH_CYCLES=50 AW_BENCH_STORM_SECONDS=5 cargo bench --bench failover
 AW_BENCH_CALLS=100 cargo bench --bench dbus_latency
 AW_BENCH_SECONDS=2 cargo bench --bench output
+# CPU against JACK (jackd dummy + jack_simple_client) and a plain ALSA player (speaker-test);
+# the README's figures come from 20 s x 3 runs of every row.
+AW_CPU_SECONDS=2 AW_CPU_RUNS=1 AW_CPU_BLOCKS=64 cargo bench --bench cpu
+# The README's waveform figure, into target/figures (AW_FIGURES_DIR=docs/figures for the README's).
+cargo bench --bench waveform
 
 # One closing line over both passes (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "suite: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::RecvTimeoutError;
+use std::sync::mpsc::TryRecvError;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,8 +25,9 @@ use crate::config_file::LoadError;
 use crate::reload::Reloader;
 use crate::supervisor::{Event, Handle, State};
 
-/// How often the bridge looks at State, SpareReady and PrimaryPid when no event arrives.
-const POLL: Duration = Duration::from_millis(50);
+/// PropertiesChanged at most this often (a flood of SetFrequency calls is announced as a
+/// few changes, not thousands); the bridge otherwise sleeps until something changes.
+const MIN_ANNOUNCE_GAP: Duration = Duration::from_millis(20);
 /// Between attempts to reach the bus.
 const RETRY: Duration = Duration::from_secs(2);
 
@@ -102,7 +103,9 @@ impl Engine1 {
         };
         let result = reloader.lock().unwrap_or_else(|p| p.into_inner()).reload_and_log();
         let report = result.map_err(|e| match e {
-            LoadError::File { .. } | LoadError::Invalid(_) => zbus::fdo::Error::InvalidFileContent(format!("{}; nothing was changed", e.to_string().trim_end())),
+            LoadError::File { .. } | LoadError::Invalid(_) => {
+                zbus::fdo::Error::InvalidFileContent(format!("{}; nothing was changed", e.to_string().trim_end()))
+            }
             other => zbus::fdo::Error::Failed(format!("{}; nothing was changed", other.to_string().trim_end())),
         })?;
         let names = |l: &[crate::reload::Change]| l.iter().map(|c| c.key.to_owned()).collect::<Vec<_>>();
@@ -111,7 +114,12 @@ impl Engine1 {
 
     #[zbus(out_args("metrics"))]
     fn get_metrics(&self) -> HashMap<String, OwnedValue> {
-        metrics_dict(&self.sup.metrics(), self.sup.config().block_frames)
+        metrics_dict(&self.sup.metrics())
+    }
+
+    #[zbus(out_args("text"))]
+    fn get_metrics_prometheus(&self) -> String {
+        crate::metrics::exposition::text(&self.sup.metrics())
     }
 
     #[zbus(property)]
@@ -146,6 +154,7 @@ impl Engine1 {
 /// The running D-Bus side. [`Service::stop`] (or drop) announces `stopping`, releases the
 /// name and ends the bridge thread.
 pub struct Service {
+    sup: Handle,
     stopping: Arc<AtomicBool>,
     owned: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -157,9 +166,9 @@ impl Service {
     pub fn start(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>) -> std::io::Result<Service> {
         let stopping = Arc::new(AtomicBool::new(false));
         let owned = Arc::new(AtomicBool::new(false));
-        let (st, ow) = (stopping.clone(), owned.clone());
-        let thread = std::thread::Builder::new().name("aw-dbus".into()).spawn(move || bridge(sup, reloader, st, ow))?;
-        Ok(Service { stopping, owned, thread: Some(thread) })
+        let (st, ow, s) = (stopping.clone(), owned.clone(), sup.clone());
+        let thread = std::thread::Builder::new().name("aw-dbus".into()).spawn(move || bridge(s, reloader, st, ow))?;
+        Ok(Service { sup, stopping, owned, thread: Some(thread) })
     }
 
     /// The bus name is ours (systemd's READY waits for this).
@@ -173,6 +182,7 @@ impl Service {
 
     fn stop_inner(&mut self) {
         self.stopping.store(true, Ordering::Release);
+        self.sup.note_change();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -185,10 +195,23 @@ impl Drop for Service {
     }
 }
 
-fn connect(sup: &Handle, reloader: &Option<Arc<Mutex<Reloader>>>, stopping: &Arc<AtomicBool>) -> zbus::Result<zbus::blocking::Connection> {
-    let obj = Engine1 { sup: sup.clone(), reloader: reloader.clone(), stopping: stopping.clone(), log_limit: std::sync::Mutex::new((0, 0)) };
+fn connect(
+    sup: &Handle,
+    reloader: &Option<Arc<Mutex<Reloader>>>,
+    stopping: &Arc<AtomicBool>,
+) -> zbus::Result<zbus::blocking::Connection> {
+    let obj = Engine1 {
+        sup: sup.clone(),
+        reloader: reloader.clone(),
+        stopping: stopping.clone(),
+        log_limit: std::sync::Mutex::new((0, 0)),
+    };
     // Our own calls (the bus check) give up after a while rather than hang on a wedged bus.
-    zbus::blocking::connection::Builder::system()?.method_timeout(RETRY).serve_at(OBJECT_PATH, obj)?.name(BUS_NAME)?.build()
+    zbus::blocking::connection::Builder::system()?
+        .method_timeout(RETRY)
+        .serve_at(OBJECT_PATH, obj)?
+        .name(BUS_NAME)?
+        .build()
 }
 
 /// What the bridge last announced.
@@ -213,7 +236,7 @@ fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<Ato
                 warned = false;
                 owned.store(true, Ordering::Release);
                 tracing::info!(BUS_NAME = BUS_NAME, "D-Bus API on the system bus as {BUS_NAME}");
-                let lost = serve(&conn, &events, &stopping);
+                let lost = serve(&conn, &sup, &events, &stopping);
                 owned.store(false, Ordering::Release);
                 match lost {
                     // Stopping: release the name (announced `stopping` first) and disconnect.
@@ -222,7 +245,9 @@ fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<Ato
                         return;
                     }
                     // The bus went away (dbus-daemon restarted): connect again.
-                    Some(e) => tracing::warn!(BUS_NAME = BUS_NAME, "lost the system bus ({e}); playing on, reconnecting"),
+                    Some(e) => {
+                        tracing::warn!(BUS_NAME = BUS_NAME, "lost the system bus ({e}); playing on, reconnecting")
+                    }
                 }
             }
             Err(e) => {
@@ -238,9 +263,9 @@ fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<Ato
         }
         let t0 = Instant::now();
         while t0.elapsed() < RETRY && !stopping.load(Ordering::Acquire) {
+            sup.wait_for_change(RETRY.saturating_sub(t0.elapsed()));
             // Events are not announced while there is no bus; keep the queue short.
             while events.try_recv().is_ok() {}
-            std::thread::sleep(POLL);
         }
     }
 }
@@ -248,7 +273,12 @@ fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<Ato
 /// Serves on `conn`: emits Failover for each event and PropertiesChanged for what changed,
 /// and checks every [`RETRY`] that the bus is still there and the name still ours. Returns
 /// None when stopping, or why the bus was lost.
-fn serve(conn: &zbus::blocking::Connection, events: &std::sync::mpsc::Receiver<Event>, stopping: &AtomicBool) -> Option<String> {
+fn serve(
+    conn: &zbus::blocking::Connection,
+    sup: &Handle,
+    events: &std::sync::mpsc::Receiver<Event>,
+    stopping: &AtomicBool,
+) -> Option<String> {
     let iface = match conn.object_server().interface::<_, Engine1>(OBJECT_PATH) {
         Ok(i) => i,
         Err(e) => return Some(format!("D-Bus object missing after registration: {e}")),
@@ -262,49 +292,37 @@ fn serve(conn: &zbus::blocking::Connection, events: &std::sync::mpsc::Receiver<E
         Err(e) => return Some(format!("{BUS_NAME}: {e}")),
     };
     let emitter = iface.signal_emitter().clone();
-    let current = |iface: &zbus::blocking::object_server::InterfaceRef<Engine1>| {
-        let o = iface.get();
-        Announced { state: o.current_state(), spare_ready: o.spare_ready(), primary_pid: o.primary_pid(), frequency: o.frequency(), gain: o.gain() }
-    };
-    let mut last = current(&iface);
+    let mut last = Announced::of(&iface);
     let mut last_check = Instant::now();
     loop {
+        // Event-driven: whoever changes what is announced here notifies (the monitor, the
+        // output thread, the control path, the event thread); RETRY bounds the sleep for the
+        // bus check.
+        sup.wait_for_change(RETRY.saturating_sub(last_check.elapsed()));
+        // Read after the wait: a stop notified before it is seen now.
         let stop = stopping.load(Ordering::Acquire);
-        match events.recv_timeout(POLL) {
-            Ok(Event::Failover { old_pid, new_pid, detected_ns, failover_ns }) => {
-                let ms = failover_ns.saturating_sub(detected_ns) as f64 / 1e6;
-                if let Err(e) = zbus::block_on(Engine1::failover(&emitter, old_pid, new_pid, ms)) {
-                    tracing::warn!("cannot emit Failover: {e}");
+        loop {
+            match events.try_recv() {
+                Ok(Event::Failover { old_pid, new_pid, detected_ns, failover_ns }) => {
+                    let ms = failover_ns.saturating_sub(detected_ns) as f64 / 1e6;
+                    if let Err(e) = zbus::block_on(Engine1::failover(&emitter, old_pid, new_pid, ms)) {
+                        tracing::warn!("cannot emit Failover: {e}");
+                    }
                 }
+                Ok(_) => {}
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return None,
             }
-            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return None,
         }
-        let now = current(&iface);
+        let now = Announced::of(&iface);
         if now != last {
-            let o = iface.get();
-            let r = zbus::block_on(async {
-                if now.state != last.state {
-                    o.state_changed(&emitter).await?;
-                }
-                if now.spare_ready != last.spare_ready {
-                    o.spare_ready_changed(&emitter).await?;
-                }
-                if now.primary_pid != last.primary_pid {
-                    o.primary_pid_changed(&emitter).await?;
-                }
-                if now.frequency != last.frequency {
-                    o.frequency_changed(&emitter).await?;
-                }
-                if now.gain != last.gain {
-                    o.gain_changed(&emitter).await?;
-                }
-                zbus::Result::Ok(())
-            });
-            if let Err(e) = r {
+            if let Err(e) = zbus::block_on(announce_changes(&iface, &emitter, now, last)) {
                 tracing::warn!("cannot emit PropertiesChanged: {e}");
             }
             last = now;
+            if !stop {
+                std::thread::sleep(MIN_ANNOUNCE_GAP);
+            }
         }
         if stop {
             // `stopping` was announced above.
@@ -320,4 +338,43 @@ fn serve(conn: &zbus::blocking::Connection, events: &std::sync::mpsc::Receiver<E
             }
         }
     }
+}
+
+impl Announced {
+    fn of(iface: &zbus::blocking::object_server::InterfaceRef<Engine1>) -> Self {
+        let o = iface.get();
+        Announced {
+            state: o.current_state(),
+            spare_ready: o.spare_ready(),
+            primary_pid: o.primary_pid(),
+            frequency: o.frequency(),
+            gain: o.gain(),
+        }
+    }
+}
+
+/// PropertiesChanged for each property that differs between `last` and `now`.
+async fn announce_changes(
+    iface: &zbus::blocking::object_server::InterfaceRef<Engine1>,
+    emitter: &zbus::object_server::SignalEmitter<'_>,
+    now: Announced,
+    last: Announced,
+) -> zbus::Result<()> {
+    let o = iface.get();
+    if now.state != last.state {
+        o.state_changed(emitter).await?;
+    }
+    if now.spare_ready != last.spare_ready {
+        o.spare_ready_changed(emitter).await?;
+    }
+    if now.primary_pid != last.primary_pid {
+        o.primary_pid_changed(emitter).await?;
+    }
+    if now.frequency != last.frequency {
+        o.frequency_changed(emitter).await?;
+    }
+    if now.gain != last.gain {
+        o.gain_changed(emitter).await?;
+    }
+    Ok(())
 }

@@ -1,5 +1,5 @@
-//! A lock-free histogram of microsecond values for the audio thread: recording is two relaxed
-//! atomic adds and a max, no allocation, no lock. Buckets are exact below 16 µs, then four per
+//! A lock-free histogram of microsecond values for the audio thread: recording is three relaxed
+//! atomic operations (its bucket, the max, the sum), no allocation, no lock. Buckets are exact below 16 µs, then four per
 //! power of two (a value is reported as its bucket's upper bound: at most 25 % high); the
 //! maximum is exact.
 
@@ -10,11 +10,23 @@ const BUCKETS: usize = 16 + 4 * 40;
 pub struct AtomicHistogram {
     buckets: [AtomicU64; BUCKETS],
     max: AtomicU64,
+    /// Of every value recorded (wraps after 584,000 years of microseconds).
+    sum: AtomicU64,
 }
+
+/// Upper bounds (inclusive, µs) at which the cumulative counts are exported (Prometheus
+/// buckets): 2^k - 1, each the upper bound of one of the recorder's buckets, so the counts are
+/// exact; then +Inf.
+pub const EXPORTED_BOUNDS_US: [u64; 14] =
+    [15, 31, 63, 127, 255, 511, 1023, 2047, 4095, 8191, 16_383, 32_767, 65_535, 131_071];
 
 impl Default for AtomicHistogram {
     fn default() -> Self {
-        AtomicHistogram { buckets: std::array::from_fn(|_| AtomicU64::new(0)), max: AtomicU64::new(0) }
+        AtomicHistogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            max: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+        }
     }
 }
 
@@ -44,6 +56,10 @@ pub struct HistogramSummary {
     pub p99: u64,
     pub max: u64,
     pub count: u64,
+    /// Of every value recorded.
+    pub sum: u64,
+    /// Values recorded at or below each of [`EXPORTED_BOUNDS_US`].
+    pub cumulative: [u64; EXPORTED_BOUNDS_US.len()],
 }
 
 impl AtomicHistogram {
@@ -51,6 +67,7 @@ impl AtomicHistogram {
     pub fn record(&self, us: u64) {
         self.buckets[index(us)].fetch_add(1, Ordering::Relaxed);
         self.max.fetch_max(us, Ordering::Relaxed);
+        self.sum.fetch_add(us, Ordering::Relaxed);
     }
 
     pub fn summary(&self) -> HistogramSummary {
@@ -71,7 +88,12 @@ impl AtomicHistogram {
             }
             max
         };
-        HistogramSummary { p50: at(50.0), p99: at(99.0), max, count: total }
+        let mut cumulative = [0; EXPORTED_BOUNDS_US.len()];
+        for (c, &le) in cumulative.iter_mut().zip(&EXPORTED_BOUNDS_US) {
+            *c = counts.iter().enumerate().filter(|&(i, _)| upper(i) <= le).map(|(_, n)| n).sum();
+        }
+        let sum = self.sum.load(Ordering::Relaxed);
+        HistogramSummary { p50: at(50.0), p99: at(99.0), max, count: total, sum, cumulative }
     }
 }
 

@@ -17,6 +17,8 @@ pub struct RollingWindow {
     len: usize,
     /// Samples ever accepted, including those that have rolled out of the window.
     count_total: u64,
+    /// Their sum.
+    sum_total: f64,
 }
 
 /// Distribution of the samples currently in a window.
@@ -30,6 +32,8 @@ pub struct Summary {
     pub max: f64,
     /// Samples ever pushed (NaNs excluded), not just those still in the window.
     pub count: u64,
+    /// The sum of those samples (a Prometheus summary's `_sum`).
+    pub sum: f64,
 }
 
 impl RollingWindow {
@@ -40,12 +44,7 @@ impl RollingWindow {
     /// If `capacity` is 0: a window that keeps nothing has no distribution to report.
     pub fn new(capacity: usize) -> Self {
         assert!(capacity > 0, "RollingWindow capacity must be positive");
-        RollingWindow {
-            buf: vec![0.0; capacity],
-            next: 0,
-            len: 0,
-            count_total: 0,
-        }
+        RollingWindow { buf: vec![0.0; capacity], next: 0, len: 0, count_total: 0, sum_total: 0.0 }
     }
 
     /// Records a sample, evicting the oldest one when full. Never allocates.
@@ -60,6 +59,7 @@ impl RollingWindow {
         self.next = (self.next + 1) % self.buf.len();
         self.len = (self.len + 1).min(self.buf.len());
         self.count_total += 1;
+        self.sum_total += v;
     }
 
     /// Samples currently in the window.
@@ -95,6 +95,7 @@ impl RollingWindow {
             p99: percentile(&sorted, 99.0),
             max: sorted[sorted.len() - 1],
             count: self.count_total,
+            sum: self.sum_total,
         }
     }
 }
@@ -116,11 +117,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     // that rank; a bare ceil would turn 999.0000000000001 into rank 1000.
     let exact = p * n as f64 / 100.0;
     let nearest = exact.round();
-    let rank = if (exact - nearest).abs() <= 1e-9 * exact.max(1.0) {
-        nearest
-    } else {
-        exact.ceil()
-    };
+    let rank = if (exact - nearest).abs() <= 1e-9 * exact.max(1.0) { nearest } else { exact.ceil() };
     sorted[(rank as usize).clamp(1, n) - 1]
 }
 
@@ -142,14 +139,7 @@ mod tests {
         }
         assert_eq!(
             w.summary(),
-            Summary {
-                last: 1.0,
-                p50: 50.0,
-                p95: 95.0,
-                p99: 99.0,
-                max: 100.0,
-                count: 100,
-            }
+            Summary { last: 1.0, p50: 50.0, p95: 95.0, p99: 99.0, max: 100.0, count: 100, sum: 5050.0 }
         );
     }
 
@@ -209,11 +199,7 @@ mod tests {
         assert_eq!(percentile(&s, 100.0), 4.0, "p100 is the maximum");
         assert_eq!(percentile(&s, 25.0), 1.0, "exact rank boundary");
         assert_eq!(percentile(&s, 25.1), 2.0, "just past it rounds up");
-        assert_eq!(
-            percentile(&s, 50.0),
-            2.0,
-            "nearest rank, not interpolated 2.5"
-        );
+        assert_eq!(percentile(&s, 50.0), 2.0, "nearest rank, not interpolated 2.5");
         assert_eq!(percentile(&s, -5.0), 1.0);
         assert_eq!(percentile(&s, 250.0), 4.0);
         assert_eq!(percentile(&s, f64::NAN), 1.0);

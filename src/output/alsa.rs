@@ -56,6 +56,8 @@ pub struct AlsaOut {
     pub info: DeviceInfo,
     /// How long a running device may make no room before it is declared gone (ms).
     stall_ms: u32,
+    /// Room (frames) a wait for room waits for: `per_wake` periods.
+    avail_min: usize,
 }
 
 const CHANNELS: u32 = 2;
@@ -70,11 +72,16 @@ impl AlsaOut {
     /// Opens `name` for playback at `rate` Hz, stereo, float (S16 if the device refuses
     /// float), with periods of `block_frames` and a buffer of `periods` periods, and sets the
     /// software parameters so that playback starts once the buffer is full and the thread
-    /// wakes up for every period.
+    /// wakes up once `per_wake` periods fit (it then writes them one after the other: a
+    /// wake-up per period is what a service that plays all day pays for).
     ///
     /// # Errors
     /// The device cannot be opened, or refuses the rate, channels, access or formats.
-    pub fn open(name: &str, rate: u32, block_frames: u32, periods: u32) -> Result<AlsaOut, OpenError> {
+    pub fn open(name: &str, rate: u32, block_frames: u32, periods: u32, per_wake: u32) -> Result<AlsaOut, OpenError> {
+        with_alsa_messages_logged(|| AlsaOut::open_here(name, rate, block_frames, periods, per_wake))
+    }
+
+    fn open_here(name: &str, rate: u32, block_frames: u32, periods: u32, per_wake: u32) -> Result<AlsaOut, OpenError> {
         let err = |what| move |source| OpenError { name: name.to_owned(), what, source };
         // Non-blocking: a blocking open of a device another program holds waits until it is
         // released (the kernel's open_wait), which would wedge start-up or, on a reopen, the
@@ -83,6 +90,7 @@ impl AlsaOut {
         let pcm = PCM::new(name, Direction::Playback, true).map_err(err("open"))?;
         let format;
         let (period, buffer);
+        let avail_min;
         {
             let hw = HwParams::any(&pcm).map_err(err("hw params"))?;
             hw.set_access(Access::RWInterleaved).map_err(err("interleaved access"))?;
@@ -107,9 +115,14 @@ impl AlsaOut {
         }
         {
             let sw = pcm.sw_params_current().map_err(err("sw params"))?;
-            // Start once the buffer is full (the prefill), wake up when a block fits.
-            sw.set_start_threshold(buffer - buffer % block_frames as alsa::pcm::Frames).map_err(err("start threshold"))?;
-            sw.set_avail_min(block_frames as alsa::pcm::Frames).map_err(err("avail min"))?;
+            // Start once the buffer is full (the prefill), wake up when `per_wake` blocks fit
+            // (at most half the buffer: the rest is the margin for a late wake-up).
+            sw.set_start_threshold(buffer - buffer % block_frames as alsa::pcm::Frames)
+                .map_err(err("start threshold"))?;
+            let per_wake =
+                (per_wake as alsa::pcm::Frames).clamp(1, (buffer / block_frames as alsa::pcm::Frames / 2).max(1));
+            avail_min = block_frames as alsa::pcm::Frames * per_wake;
+            sw.set_avail_min(avail_min).map_err(err("avail min"))?;
             pcm.sw_params(&sw).map_err(err("applying sw params"))?;
         }
         let got_rate = pcm.hw_params_current().and_then(|h| h.get_rate()).map_err(err("rate"))?;
@@ -119,6 +132,7 @@ impl AlsaOut {
             channels: CHANNELS as usize,
             s16: vec![0; (block_frames * CHANNELS) as usize],
             stall_ms: stall_ms(block_frames, rate),
+            avail_min: avail_min as usize,
             info: DeviceInfo {
                 name: name.to_owned(),
                 rate: got_rate,
@@ -130,20 +144,27 @@ impl AlsaOut {
     }
 
     /// Blocks until `frames` frames fit in the device buffer (the device's clock paces the
-    /// output thread here). Returns the room beyond `frames` found on waking up: how late the
-    /// wake-up was, in frames (0 while prefilling).
-    pub fn wait_room(&mut self, frames: usize) -> Result<usize, DeviceError> {
+    /// output thread here). If it had to sleep, returns the room found on waking up beyond
+    /// what it waited for: how late the wake-up was, in frames (None: there was room at once,
+    /// as for the later blocks of a wake-up, or it is prefilling).
+    pub fn wait_room(&mut self, frames: usize) -> Result<Option<usize>, DeviceError> {
+        let mut waited = false;
         loop {
             match self.pcm.avail_update() {
-                Ok(n) if n as usize >= frames && self.pcm.state() == State::Running => return Ok(n as usize - frames),
-                Ok(n) if n as usize >= frames => return Ok(0),
+                // Lateness is measured only where the thread slept: beyond the room it waited
+                // for (the later blocks of a wake-up find theirs without waiting).
+                Ok(n) if n as usize >= frames && self.pcm.state() == State::Running => {
+                    return Ok(waited.then(|| (n as usize).saturating_sub(self.avail_min.max(frames))));
+                }
+                Ok(n) if n as usize >= frames => return Ok(None),
                 Ok(_) => {}
                 Err(e) => return Err(self.classify(e)),
             }
             if self.pcm.state() != State::Running {
                 // Prefilling (not started yet): there is room by definition of the threshold.
-                return Ok(0);
+                return Ok(None);
             }
+            waited = true;
             match self.pcm.wait(Some(self.stall_ms)) {
                 Ok(true) => {}
                 // A running device that makes no room for this long has stopped (a JACK
@@ -168,18 +189,11 @@ impl AlsaOut {
         let mut refused = 0;
         while done < frames {
             let r = match self.format {
-                SampleFormat::F32 => {
-                    let rest = &block[done * self.channels..];
-                    // SAFETY: f32 has no invalid bit patterns and u8 no alignment needs; the
-                    // byte view covers exactly `rest` and lives no longer than it.
-                    let bytes = unsafe { std::slice::from_raw_parts(rest.as_ptr().cast::<u8>(), std::mem::size_of_val(rest)) };
-                    self.pcm.io_bytes().writei(bytes)
-                }
+                // A byte view of the samples (bytemuck: a checked, free cast). Not io_f32(): it
+                // checks the format by reading the hw params, which allocates.
+                SampleFormat::F32 => self.pcm.io_bytes().writei(bytemuck::cast_slice(&block[done * self.channels..])),
                 SampleFormat::S16 => {
-                    let rest = &self.s16[done * self.channels..block.len()];
-                    // SAFETY: as above, for i16.
-                    let bytes = unsafe { std::slice::from_raw_parts(rest.as_ptr().cast::<u8>(), std::mem::size_of_val(rest)) };
-                    self.pcm.io_bytes().writei(bytes)
+                    self.pcm.io_bytes().writei(bytemuck::cast_slice(&self.s16[done * self.channels..block.len()]))
                 }
             };
             match r {
@@ -228,7 +242,26 @@ pub fn f32_to_s16(x: f32) -> i16 {
 }
 
 /// ALSA PCMs that can play, as `(--output value, description)`.
+/// Runs `f`, which calls alsa-lib on this thread, with alsa-lib's own messages (printed to
+/// stderr by default: eight lines of "ALSA lib confmisc.c:855:(parse_card) cannot find card
+/// '0'" on a machine without a card) caught in a buffer (the alsa crate's per-thread error
+/// handler) and logged at debug level, so that the daemon's own lines come first. Never on
+/// the output thread (it does not log).
+pub fn with_alsa_messages_logged<T>(f: impl FnOnce() -> T) -> T {
+    let Ok(buffer) = ::alsa::Output::local_error_handler() else { return f() };
+    let result = f();
+    let text = buffer.borrow().to_string();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        tracing::debug!("alsa-lib: {line}");
+    }
+    result
+}
+
 pub fn list_outputs() -> Vec<(String, String)> {
+    with_alsa_messages_logged(list_outputs_here)
+}
+
+fn list_outputs_here() -> Vec<(String, String)> {
     let mut out = Vec::new();
     if let Ok(hints) = alsa::device_name::HintIter::new_str(None, "pcm") {
         for h in hints {
@@ -260,7 +293,7 @@ mod tests {
     #[test]
     fn the_null_device_opens_with_block_sized_periods() {
         // alsa-lib's own configuration always defines `null`.
-        let out = AlsaOut::open("null", 48_000, 64, 4).expect("open the null PCM");
+        let out = AlsaOut::open("null", 48_000, 64, 4, 2).expect("open the null PCM");
         assert_eq!(out.info.rate, 48_000);
         assert!(out.info.period_frames > 0 && out.info.buffer_frames >= out.info.period_frames);
     }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use ::cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 
 use super::{Buffers, Player, VirtualClock, REOPEN_FIRST_NS, REOPEN_MAX_NS};
-use crate::supervisor::Shared;
+use crate::playback::Playback;
 use crate::sys;
 
 /// Finds an output device by its cpal id (on Linux the ALSA PCM name; `default`: the host's
@@ -49,8 +49,8 @@ pub fn list_outputs() -> Vec<(String, String)> {
 
 /// A stream that makes no callback for this long has stopped: 500 ms, or four blocks when
 /// they are longer.
-fn stall_ns(sh: &Shared) -> u64 {
-    (4 * sh.config.block_ns()).max(500_000_000)
+fn stall_ns(sh: &Playback) -> u64 {
+    (4 * sh.settings.block_ns()).max(500_000_000)
 }
 
 /// Between one stream's callback and the output thread.
@@ -69,11 +69,11 @@ struct Link {
 
 impl Link {
     /// After this returns, the callback will not touch the engine again.
-    fn retire(&self, sh: &Shared) {
+    fn retire(&self, sh: &Playback) {
         self.retired.store(true, Ordering::SeqCst);
         // Its thread is no longer the output's (a reload must not reprioritise a thread id
         // that may be gone and reused).
-        sh.live.output_tid.store(0, Ordering::SeqCst);
+        sh.tid.store(0, Ordering::SeqCst);
         while self.inside.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -99,14 +99,15 @@ impl CpalOut {
     /// [`stall_ns`]: a JACK server that went away leaves its clients waiting, without an error)
     /// is retired; this thread then plays the virtual clock (the engine keeps going, the state is
     /// degraded) and builds a new stream with backoff, as the ALSA output reopens its device.
-    pub(crate) fn run(self, sh: Arc<Shared>, buffers: Buffers) -> Result<(), String> {
+    pub(crate) fn run(self, sh: Arc<Playback>, buffers: Buffers) -> Result<(), String> {
         let mut link = Arc::new(Link::default());
         let mut stream = self.build(&sh, Player::new(sh.clone(), buffers), &link)?;
         let stall = stall_ns(&sh);
         let mut seen = (0, sys::now_ns());
         // Device lost: (next rebuild attempt, backoff), and the virtual clock playing meanwhile.
         let mut lost: Option<(u64, u64)> = None;
-        let mut stand_in = Player::new(sh.clone(), Buffers::new_locked(sh.geo.samples_per_block())).without_test_fault();
+        let mut stand_in =
+            Player::new(sh.clone(), Buffers::new_locked(sh.settings.samples_per_block)).without_test_fault();
         let mut clock = VirtualClock::new(&sh);
         while sh.running.load(Ordering::Acquire) {
             let Some((when, backoff)) = lost else {
@@ -127,25 +128,33 @@ impl CpalOut {
                         Some(s) if stalled => std::mem::forget(s),
                         other => drop(other),
                     }
-                    sh.output_degraded.store(true, Ordering::Release);
-                    sh.metrics.device_losses.fetch_add(1, Ordering::Relaxed);
+                    sh.set_degraded(true);
+                    sh.counters.device_losses.fetch_add(1, Ordering::Relaxed);
                     lost = Some((now + REOPEN_FIRST_NS, REOPEN_FIRST_NS * 2));
                     clock.restart(now);
                 }
                 continue;
             };
-            let deadline = clock.wait();
+            let tick = clock.wait();
+            if tick.xrun {
+                sh.counters.device_xruns.fetch_add(1, Ordering::Relaxed);
+            }
+            let deadline = tick.at;
             stand_in.next(deadline);
             if deadline < when {
                 continue;
             }
             let fresh = Arc::new(Link::default());
-            let player = Player::new(sh.clone(), Buffers::new_locked(sh.geo.samples_per_block())).without_test_fault();
-            match find(&self.name).map(|device| CpalOut { device, name: self.name.clone() }).and_then(|c| c.build(&sh, player, &fresh)) {
+            let player =
+                Player::new(sh.clone(), Buffers::new_locked(sh.settings.samples_per_block)).without_test_fault();
+            match find(&self.name)
+                .map(|device| CpalOut { device, name: self.name.clone() })
+                .and_then(|c| c.build(&sh, player, &fresh))
+            {
                 Ok(s) => {
                     (stream, link, lost) = (s, fresh, None);
                     seen = (0, sys::now_ns());
-                    sh.output_degraded.store(false, Ordering::Release);
+                    sh.set_degraded(false);
                 }
                 Err(_) => lost = Some((deadline + backoff, (backoff * 2).min(REOPEN_MAX_NS))),
             }
@@ -159,14 +168,19 @@ impl CpalOut {
     }
 
     /// Builds and starts a stream whose callback plays through `player` and reports to `link`.
-    fn build(&self, sh: &Arc<Shared>, mut player: Player, link: &Arc<Link>) -> Result<Option<::cpal::Stream>, String> {
+    fn build(
+        &self,
+        sh: &Arc<Playback>,
+        mut player: Player,
+        link: &Arc<Link>,
+    ) -> Result<Option<::cpal::Stream>, String> {
         let config = ::cpal::StreamConfig {
             channels: 2,
-            sample_rate: sh.config.sample_rate,
-            buffer_size: ::cpal::BufferSize::Fixed(sh.config.block_frames),
+            sample_rate: sh.settings.sample_rate,
+            buffer_size: ::cpal::BufferSize::Fixed(sh.settings.block_frames),
         };
         // The block being consumed, and how much of it is left.
-        let mut current = vec![0.0f32; sh.geo.samples_per_block()];
+        let mut current = vec![0.0f32; sh.settings.samples_per_block];
         // Pinned: a rebuilt stream's buffer is allocated after start-up's mlockall.
         let _ = sys::mlock(current.as_ptr().cast(), std::mem::size_of_val(&current[..]));
         let mut used = current.len();
@@ -190,9 +204,9 @@ impl CpalOut {
                     cb_link.callbacks.fetch_add(1, Ordering::Relaxed);
                     if first {
                         first = false;
-                        cb_sh.live.output_tid.store(sys::gettid(), Ordering::SeqCst);
-                        let ok = sys::set_fifo(cb_sh.live.output_priority.load(Ordering::SeqCst)).is_ok();
-                        cb_sh.metrics.output_realtime.store(ok, Ordering::Relaxed);
+                        cb_sh.tid.store(sys::gettid(), Ordering::SeqCst);
+                        let ok = sys::set_fifo(cb_sh.priority.load(Ordering::SeqCst)).is_ok();
+                        cb_sh.counters.realtime.store(ok, Ordering::Relaxed);
                     }
                     let mut i = 0;
                     while i < data.len() {
@@ -209,7 +223,7 @@ impl CpalOut {
                 },
                 move |e: ::cpal::Error| {
                     if e.kind() == ::cpal::ErrorKind::Xrun {
-                        err_sh.metrics.device_xruns.fetch_add(1, Ordering::Relaxed);
+                        err_sh.counters.device_xruns.fetch_add(1, Ordering::Relaxed);
                     } else {
                         // The stream is broken (device gone, invalidated): the output thread
                         // retires it and builds another.

@@ -26,6 +26,10 @@ struct Header {
     tail: Line<AtomicU64>,
 }
 
+/// Control ring capacity per worker: changes accepted but not yet applied, at most (with
+/// 4096-frame blocks a change waits about a second for its frame).
+pub const CONTROL_CAPACITY: u32 = 4096;
+
 fn header_size() -> usize {
     cache_align(std::mem::size_of::<Header>())
 }
@@ -39,6 +43,8 @@ pub fn segment_size(capacity: u32) -> u64 {
 pub struct ControlRing {
     map: Mapping,
     capacity: u32,
+    /// The mapping is pinned (mlock granted at create).
+    locked: bool,
 }
 
 // SAFETY: head/tail are atomics; entries are accessed only under the SPSC protocol above.
@@ -60,8 +66,13 @@ impl ControlRing {
             (*h).version = LAYOUT_VERSION;
             (*h).magic = MAGIC_CONTROL;
         }
-        map.lock().ok();
-        Ok(ControlRing { map, capacity })
+        let locked = map.lock().is_ok();
+        Ok(ControlRing { map, capacity, locked })
+    }
+
+    /// Was the supervisor's mapping pinned in memory at create?
+    pub fn locked(&self) -> bool {
+        self.locked
     }
 
     /// Worker side: maps an inherited segment and validates its header.
@@ -82,7 +93,7 @@ impl ControlRing {
         if capacity == 0 || (map.len() as u64) < segment_size(capacity) {
             return Err(bad("control ring capacity does not match its segment"));
         }
-        Ok(ControlRing { map, capacity })
+        Ok(ControlRing { map, capacity, locked: false })
     }
 
     fn header(&self) -> &Header {

@@ -1,9 +1,13 @@
 //! Registry of shared-memory segments, with a JSON manifest on disk.
 //!
 //! The supervisor creates every segment as a file in one directory (by default
-//! `/dev/shm/audiowarden`) and lists them in `manifest.json` in that directory. The manifest is
-//! rewritten atomically (`manifest.json.tmp`, then `rename`) after every change, so a reader never
-//! sees a half-written file.
+//! `/dev/shm/audiowarden`) and lists them in `manifest.json` in that directory. Changes mark the
+//! manifest dirty; it is rewritten atomically (`manifest.json.tmp`, then `rename`) by whoever
+//! flushes it ([`Registry::flush`], or [`Registry::take_manifest`] then
+//! [`write_manifest_file`] outside any lock: the supervisor's housekeeping thread, so the
+//! real-time monitor never waits on manifest I/O), so a reader never sees a half-written file.
+//! Segment files get their pages reserved when created (`posix_fallocate`): a full file system
+//! is an error at [`Registry::create`], never a fault at the first write through a mapping.
 //!
 //! Guarantees:
 //! - The directory is mode 0700 and owned by the effective user; segment files, the manifest and
@@ -18,7 +22,6 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -63,13 +66,21 @@ pub enum ShmError {
     BadId(String),
 }
 
+impl ShmError {
+    /// What failed and its errno, for callers that carry errors as plain data (EINVAL for the
+    /// errors that are not I/O: ids, duplicates, a second instance).
+    pub fn op_errno(&self) -> (&'static str, i32) {
+        match self {
+            ShmError::Io { op, source, .. } => (op, source.raw_os_error().unwrap_or(libc::EIO)),
+            ShmError::InUse(_) => ("lock shm directory", libc::EBUSY),
+            ShmError::Duplicate(_) | ShmError::Unknown(_) | ShmError::BadId(_) => ("register segment", libc::EINVAL),
+        }
+    }
+}
+
 /// Builds the `map_err` closure for an I/O error on `path`.
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ShmError + 'a {
-    move |source| ShmError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ShmError::Io { op, path: path.to_path_buf(), source }
 }
 
 /// What a segment holds; serialized as `"audio_ring"` / `"control_ring"`.
@@ -153,9 +164,11 @@ impl AuditReport {
 pub struct Registry {
     dir: PathBuf,
     /// Held open for the registry's life: closing it releases the flock.
-    lock: File,
+    _lock: File,
     allocations: Vec<Allocation>,
     leaked_count: u64,
+    /// The manifest on disk lags the allocations.
+    dirty: bool,
 }
 
 impl Registry {
@@ -171,34 +184,25 @@ impl Registry {
     pub fn open(dir: &Path) -> Result<(Registry, SweepReport), ShmError> {
         prepare_dir(dir)?;
         let lock = take_lock(dir)?;
-        let registry = Registry {
-            dir: dir.to_path_buf(),
-            lock,
-            allocations: Vec::new(),
-            leaked_count: 0,
-        };
+        let mut registry =
+            Registry { dir: dir.to_path_buf(), _lock: lock, allocations: Vec::new(), leaked_count: 0, dirty: true };
         let report = registry.sweep()?;
-        registry.write_manifest()?;
+        registry.flush()?;
         Ok((registry, report))
     }
 
-    /// Creates the segment file `id` (exclusively, mode 0600) with length `size`, records it
-    /// and rewrites the manifest. Returns the open file for the caller to map.
+    /// Creates the segment file `id` (exclusively, mode 0600) with length `size`, every page
+    /// reserved, records it and marks the manifest dirty. Returns the open file for the caller
+    /// to map.
     ///
     /// # Errors
     ///
     /// - [`ShmError::BadId`] if `id` is not a valid segment id.
     /// - [`ShmError::Duplicate`] if `id` is already registered.
     /// - [`ShmError::Io`] if the file cannot be created (also if an unregistered file of that
-    ///   name exists) or sized, or the manifest cannot be written. On any error the registry is
-    ///   unchanged and the file does not exist.
-    pub fn create(
-        &mut self,
-        id: &str,
-        size: u64,
-        kind: SegmentKind,
-        owner: &str,
-    ) -> Result<File, ShmError> {
+    ///   name exists) or its pages cannot be reserved (ENOSPC: the file system is full). On any
+    ///   error the registry is unchanged and the file does not exist.
+    pub fn create(&mut self, id: &str, size: u64, kind: SegmentKind, owner: &str) -> Result<File, ShmError> {
         validate_id(id)?;
         if self.find(id).is_some() {
             return Err(ShmError::Duplicate(id.to_owned()));
@@ -212,13 +216,9 @@ impl Registry {
             .custom_flags(libc::O_CLOEXEC)
             .open(&path)
             .map_err(io_err("create segment", &path))?;
-        if let Err(source) = file.set_len(size) {
+        if let Err(source) = crate::sys::reserve_file(&file, size) {
             remove_quietly(&path);
-            return Err(ShmError::Io {
-                op: "size segment",
-                path,
-                source,
-            });
+            return Err(ShmError::Io { op: "reserve segment", path, source });
         }
         self.allocations.push(Allocation {
             id: id.to_owned(),
@@ -227,52 +227,69 @@ impl Registry {
             owner: owner.to_owned(),
             created: rfc3339_utc(SystemTime::now()),
         });
-        if let Err(e) = self.write_manifest() {
-            // Keep disk and memory in agreement: the segment never existed.
-            self.allocations.pop();
-            remove_quietly(&path);
-            return Err(e);
-        }
+        self.dirty = true;
         Ok(file)
     }
 
-    /// Changes the recorded owner of `id` and rewrites the manifest.
+    /// Changes the recorded owner of `id` and marks the manifest dirty.
     ///
     /// # Errors
     ///
-    /// [`ShmError::BadId`], [`ShmError::Unknown`] if `id` is not registered, or [`ShmError::Io`]
-    /// if the manifest cannot be written (the old owner is then kept).
+    /// [`ShmError::BadId`], [`ShmError::Unknown`] if `id` is not registered.
     pub fn set_owner(&mut self, id: &str, owner: &str) -> Result<(), ShmError> {
         validate_id(id)?;
-        let i = self
-            .find(id)
-            .ok_or_else(|| ShmError::Unknown(id.to_owned()))?;
-        let old = std::mem::replace(&mut self.allocations[i].owner, owner.to_owned());
-        if let Err(e) = self.write_manifest() {
-            self.allocations[i].owner = old;
-            return Err(e);
-        }
+        let i = self.find(id).ok_or_else(|| ShmError::Unknown(id.to_owned()))?;
+        self.allocations[i].owner = owner.to_owned();
+        self.dirty = true;
         Ok(())
     }
 
-    /// Unlinks the segment file (already gone is fine), forgets the allocation and rewrites the
-    /// manifest. Mappings of the file stay valid until they are unmapped.
+    /// Unlinks the segment file (already gone is fine), forgets the allocation and marks the
+    /// manifest dirty. Mappings of the file stay valid until they are unmapped.
     ///
     /// # Errors
     ///
     /// - [`ShmError::BadId`], or [`ShmError::Unknown`] if `id` is not registered.
-    /// - [`ShmError::Io`] if the file cannot be unlinked (the allocation is then kept), or if
-    ///   the manifest cannot be written (the allocation is then already gone from memory; the
-    ///   next successful write brings the manifest up to date).
+    /// - [`ShmError::Io`] if the file cannot be unlinked (the allocation is then kept).
     pub fn release(&mut self, id: &str) -> Result<(), ShmError> {
         validate_id(id)?;
-        let i = self
-            .find(id)
-            .ok_or_else(|| ShmError::Unknown(id.to_owned()))?;
+        let i = self.find(id).ok_or_else(|| ShmError::Unknown(id.to_owned()))?;
         let path = self.dir.join(id);
         remove_if_exists(&path).map_err(io_err("unlink segment", &path))?;
         self.allocations.remove(i);
-        self.write_manifest()
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// The manifest to write, if the one on disk lags (serialized now; marks it clean). Write
+    /// it with [`write_manifest_file`], outside any lock; if that fails, [`Registry::mark_dirty`].
+    pub fn take_manifest(&mut self) -> Option<Vec<u8>> {
+        if !self.dirty {
+            return None;
+        }
+        self.dirty = false;
+        let mut json = serde_json::to_vec_pretty(&self.manifest()).expect("a manifest always serializes");
+        json.push(b'\n');
+        Some(json)
+    }
+
+    /// The manifest must be written again (a write of [`Registry::take_manifest`]'s failed).
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Writes the manifest now if it lags.
+    ///
+    /// # Errors
+    /// [`ShmError::Io`] if it cannot be written (it stays dirty).
+    pub fn flush(&mut self) -> Result<(), ShmError> {
+        if let Some(json) = self.take_manifest() {
+            if let Err(e) = write_manifest_file(&self.dir, &json) {
+                self.dirty = true;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Compares the directory, the registered allocations and the live owners (`is_live(id)`
@@ -287,19 +304,11 @@ impl Registry {
     ///
     /// [`ShmError::Io`] if the directory cannot be listed or the manifest cannot be written.
     pub fn audit(&mut self, is_live: &dyn Fn(&str) -> bool) -> Result<AuditReport, ShmError> {
-        let present: BTreeSet<String> = self
-            .list_dir()?
-            .into_iter()
-            .filter(|name| !is_own_file(name))
-            .collect();
+        let present: BTreeSet<String> = self.list_dir()?.into_iter().filter(|name| !is_own_file(name)).collect();
         let registered: BTreeSet<&str> = self.allocations.iter().map(|a| a.id.as_str()).collect();
 
         let mut report = AuditReport {
-            unknown_files: present
-                .iter()
-                .filter(|name| !registered.contains(name.as_str()))
-                .cloned()
-                .collect(),
+            unknown_files: present.iter().filter(|name| !registered.contains(name.as_str())).cloned().collect(),
             ..AuditReport::default()
         };
         for id in &registered {
@@ -312,22 +321,15 @@ impl Registry {
 
         self.leaked_count = report.leaked() as u64;
         let path = self.dir.join(MANIFEST_FILE);
-        let on_disk = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<Manifest>(&bytes).ok(),
-            Err(e) if e.kind() == ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(ShmError::Io {
-                    op: "read manifest",
-                    path,
-                    source,
-                })
-            }
+        let on_disk = match read_own_file(&path) {
+            Ok(bytes) => bytes.and_then(|b| serde_json::from_slice::<Manifest>(&b).ok()),
+            Err(source) => return Err(ShmError::Io { op: "read manifest", path, source }),
         };
         if on_disk.as_ref() != Some(&self.manifest()) {
-            if on_disk.is_none() {
+            if on_disk.is_none() && !self.dirty {
                 tracing::warn!(path = %path.display(), "manifest deleted or corrupted, rewriting");
             }
-            self.write_manifest()?;
+            self.dirty = true;
         }
         Ok(report)
     }
@@ -355,9 +357,10 @@ impl Registry {
         }
     }
 
-    /// Clean shutdown: unlinks every registered segment, the manifest and the lock file, then
-    /// removes the directory if it is empty (a directory that still holds unknown files is left
-    /// in place).
+    /// Clean shutdown: unlinks every registered segment, the manifest and the lock file. The
+    /// directory itself stays: /dev/shm is world-writable, and a directory that is always
+    /// there, ours, 0700, is one that nobody can squat while the service is stopped (it is
+    /// created at boot by the tmpfiles.d entry; see "Shared memory" in docs/design.md).
     ///
     /// # Errors
     ///
@@ -376,10 +379,7 @@ impl Registry {
             let res = remove_if_exists(&path);
             attempt("unlink segment", path, res);
         }
-        for (op, name) in [
-            ("unlink manifest", MANIFEST_FILE),
-            ("unlink manifest", MANIFEST_TMP_FILE),
-        ] {
+        for (op, name) in [("unlink manifest", MANIFEST_FILE), ("unlink manifest", MANIFEST_TMP_FILE)] {
             let path = self.dir.join(name);
             let res = remove_if_exists(&path);
             attempt(op, path, res);
@@ -389,21 +389,7 @@ impl Registry {
         let lock_path = self.dir.join(LOCK_FILE);
         let res = remove_if_exists(&lock_path);
         attempt("unlink lock file", lock_path, res);
-        let Registry { dir, lock, .. } = self;
-        drop(lock);
-        match fs::remove_dir(&dir) {
-            Ok(()) => {}
-            // Someone else's files, or another instance that just started: not ours to remove.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(source) => {
-                first_err.get_or_insert(ShmError::Io {
-                    op: "remove directory",
-                    path: dir,
-                    source,
-                });
-            }
-        }
+        drop(self);
         first_err.map_or(Ok(()), Err)
     }
 
@@ -428,8 +414,9 @@ impl Registry {
     fn sweep(&self) -> Result<SweepReport, ShmError> {
         let mut report = SweepReport::default();
         let manifest_path = self.dir.join(MANIFEST_FILE);
-        report.previous_manifest = match fs::read(&manifest_path) {
-            Ok(bytes) => match serde_json::from_slice::<Manifest>(&bytes) {
+        report.previous_manifest = match read_own_file(&manifest_path) {
+            Ok(None) => None,
+            Ok(Some(bytes)) => match serde_json::from_slice::<Manifest>(&bytes) {
                 Ok(m) => Some(m),
                 Err(e) => {
                     tracing::warn!(path = %manifest_path.display(), error = %e,
@@ -471,36 +458,55 @@ impl Registry {
         // The caller logs the sweep (once, with the metrics it updates).
         Ok(report)
     }
+}
 
-    /// Writes the manifest to the temporary file and renames it into place, so readers see
-    /// either the old or the new manifest, never a partial one.
-    fn write_manifest(&self) -> Result<(), ShmError> {
-        let tmp = self.dir.join(MANIFEST_TMP_FILE);
-        let dest = self.dir.join(MANIFEST_FILE);
-        let mut json = serde_json::to_vec_pretty(&self.manifest()).map_err(|e| ShmError::Io {
-            op: "serialize manifest",
-            path: dest.clone(),
-            source: e.into(),
-        })?;
-        json.push(b'\n');
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(FILE_MODE)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io_err("create manifest", &tmp))?;
-        // `mode` only applies to a new file; a leftover temporary file may have another mode.
-        file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
-            .map_err(io_err("chmod manifest", &tmp))?;
-        file.write_all(&json)
-            .map_err(io_err("write manifest", &tmp))?;
-        // Matters only if the directory is configured onto a persistent file system.
-        file.sync_data().map_err(io_err("sync manifest", &tmp))?;
-        drop(file);
-        fs::rename(&tmp, &dest).map_err(io_err("rename manifest", &dest))
+/// Writes `json` (from [`Registry::take_manifest`]) to the temporary file in `dir` and renames it
+/// into place, so readers see either the old or the new manifest, never a partial one. Needs no
+/// lock: only one thread writes the manifest (the supervisor's housekeeping).
+///
+/// # Errors
+/// [`ShmError::Io`] naming the step that failed (ENOSPC: the file system is full).
+pub fn write_manifest_file(dir: &Path, json: &[u8]) -> Result<(), ShmError> {
+    let tmp = dir.join(MANIFEST_TMP_FILE);
+    let dest = dir.join(MANIFEST_FILE);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(io_err("create manifest", &tmp))?;
+    // `mode` only applies to a new file; a leftover temporary file may have another mode.
+    file.set_permissions(fs::Permissions::from_mode(FILE_MODE)).map_err(io_err("chmod manifest", &tmp))?;
+    file.write_all(json).map_err(io_err("write manifest", &tmp))?;
+    // Matters only if the directory is configured onto a persistent file system.
+    file.sync_data().map_err(io_err("sync manifest", &tmp))?;
+    drop(file);
+    fs::rename(&tmp, &dest).map_err(io_err("rename manifest", &dest))
+}
+
+/// The contents of `path` if it is a regular file of ours; None if it is missing or anything
+/// else (a symlink or FIFO someone planted is neither followed nor opened for long: O_NOFOLLOW
+/// and O_NONBLOCK, then fstat).
+fn read_own_file(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() || meta.uid() != crate::sys::euid() {
+        return Ok(None);
     }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    (&file).read_to_end(&mut bytes)?;
+    Ok(Some(bytes))
 }
 
 /// Creates the directory with mode 0700 (parents with the default mode), then makes sure it is
@@ -512,13 +518,7 @@ fn prepare_dir(dir: &Path) -> Result<(), ShmError> {
     match fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-        Err(source) => {
-            return Err(ShmError::Io {
-                op: "create directory",
-                path: dir.into(),
-                source,
-            })
-        }
+        Err(source) => return Err(ShmError::Io { op: "create directory", path: dir.into(), source }),
     }
     // /dev/shm is world-writable: refuse a symlink or a directory someone else planted there.
     let meta = fs::symlink_metadata(dir).map_err(io_err("stat directory", dir))?;
@@ -529,25 +529,35 @@ fn prepare_dir(dir: &Path) -> Result<(), ShmError> {
             source: io::Error::other("not a directory (symlinks are refused)"),
         });
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = crate::sys::euid();
     if meta.uid() != euid {
         return Err(ShmError::Io {
             op: "check directory",
             path: dir.into(),
             source: io::Error::new(
                 ErrorKind::PermissionDenied,
-                format!("owned by uid {}, not by us (uid {euid})", meta.uid()),
+                format!(
+                    "owned by uid {}, not by us (uid {euid}): someone else created it; \
+                     `systemd-tmpfiles --create audiowarden.conf` (run by the unit before every start) \
+                     gives it back to the service user, or remove it",
+                    meta.uid()
+                ),
             ),
         });
     }
-    fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
-        .map_err(io_err("chmod directory", dir))
+    fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE)).map_err(io_err("chmod directory", dir))
 }
 
 /// Opens `.lock` and takes `flock(LOCK_EX|LOCK_NB)` on it.
 fn take_lock(dir: &Path) -> Result<File, ShmError> {
     let path = dir.join(LOCK_FILE);
+    // Anything at `.lock` that is not a regular file of ours was planted (our lock file is
+    // always one): it is not another instance's lock, so it goes (the directory is ours).
+    if let Ok(m) = fs::symlink_metadata(&path) {
+        if !m.file_type().is_file() || m.uid() != crate::sys::euid() {
+            remove_if_exists(&path).map_err(io_err("unlink planted lock file", &path))?;
+        }
+    }
     // A previous owner may unlink `.lock` between our open and our flock (remove_all does), in
     // which case we would hold a lock on a dead inode. Retry until the locked inode is the one
     // at the path; a handful of tries is plenty, since each race needs a whole shutdown.
@@ -561,25 +571,10 @@ fn take_lock(dir: &Path) -> Result<File, ShmError> {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&path)
             .map_err(io_err("open lock file", &path))?;
-        loop {
-            // SAFETY: the fd is owned by `file`, which stays open for the whole call; flock
-            // only reads its arguments.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
-                break;
-            }
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EWOULDBLOCK) => return Err(ShmError::InUse(dir.to_path_buf())),
-                _ => {
-                    return Err(ShmError::Io {
-                        op: "lock",
-                        path,
-                        source: err,
-                    })
-                }
-            }
+        match crate::sys::try_lock_exclusive(&file) {
+            Ok(true) => {}
+            Ok(false) => return Err(ShmError::InUse(dir.to_path_buf())),
+            Err(source) => return Err(ShmError::Io { op: "lock", path, source }),
         }
         let locked = file.metadata().map_err(io_err("stat lock file", &path))?;
         match fs::symlink_metadata(&path) {
@@ -590,13 +585,7 @@ fn take_lock(dir: &Path) -> Result<File, ShmError> {
             }
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(ShmError::Io {
-                    op: "stat lock file",
-                    path,
-                    source,
-                })
-            }
+            Err(source) => return Err(ShmError::Io { op: "stat lock file", path, source }),
         }
     }
     // The lock file keeps being replaced under us: someone else is actively using the dir.
@@ -610,9 +599,7 @@ fn validate_id(id: &str) -> Result<(), ShmError> {
         && id.len() <= MAX_ID_LEN
         && !id.starts_with('.')
         && !is_own_file(id)
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
@@ -654,12 +641,7 @@ pub fn rfc3339_utc(t: SystemTime) -> String {
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", sod / 3600, sod % 3600 / 60, sod % 60)
 }
 
 /// Proleptic Gregorian date of `z` days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
@@ -685,6 +667,12 @@ mod tests {
         fs::metadata(path).expect("stat").permissions().mode() & 0o777
     }
 
+    /// The manifest on disk once `reg` has written what it has (writes are deferred).
+    fn flushed(reg: &mut Registry, dir: &Path) -> Manifest {
+        reg.flush().expect("flush the manifest");
+        disk_manifest(dir)
+    }
+
     fn disk_manifest(dir: &Path) -> Manifest {
         let bytes = fs::read(dir.join(MANIFEST_FILE)).expect("read manifest");
         serde_json::from_slice(&bytes).expect("parse manifest")
@@ -707,8 +695,7 @@ mod tests {
         assert_eq!(reg.manifest().stats, ManifestStats::default());
         assert!(!dir.join(MANIFEST_TMP_FILE).exists());
 
-        reg.create("ring-1-g1", 4096, SegmentKind::AudioRing, "w1")
-            .expect("create");
+        reg.create("ring-1-g1", 4096, SegmentKind::AudioRing, "w1").expect("create");
         assert_eq!(mode(&dir.join("ring-1-g1")), 0o600);
         assert_eq!(mode(&dir.join(MANIFEST_FILE)), 0o600);
     }
@@ -730,13 +717,7 @@ mod tests {
         fs::create_dir(&real).expect("mkdir");
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&real, &link).expect("symlink");
-        assert!(matches!(
-            Registry::open(&link),
-            Err(ShmError::Io {
-                op: "check directory",
-                ..
-            })
-        ));
+        assert!(matches!(Registry::open(&link), Err(ShmError::Io { op: "check directory", .. })));
     }
 
     #[test]
@@ -745,75 +726,43 @@ mod tests {
         let dir = tmp.path().join("shm");
         let (mut reg, _) = open(&dir);
 
-        let f = reg
-            .create(
-                "ring-1-g7",
-                65_536,
-                SegmentKind::AudioRing,
-                "worker-1 (pid 4242)",
-            )
-            .expect("create ring");
+        let f = reg.create("ring-1-g7", 65_536, SegmentKind::AudioRing, "worker-1 (pid 4242)").expect("create ring");
         assert_eq!(f.metadata().expect("fstat").len(), 65_536);
-        reg.create(
-            "ctl-1-g7",
-            4096,
-            SegmentKind::ControlRing,
-            "worker-1 (pid 4242)",
-        )
-        .expect("create ctl");
+        reg.create("ctl-1-g7", 4096, SegmentKind::ControlRing, "worker-1 (pid 4242)").expect("create ctl");
 
-        let m = disk_manifest(&dir);
+        let m = flushed(&mut reg, &dir);
         assert_eq!(m.version, 1);
-        assert_eq!(
-            m.stats,
-            ManifestStats {
-                total_allocated: 69_632,
-                active_count: 2,
-                leaked_count: 0
-            }
-        );
+        assert_eq!(m.stats, ManifestStats { total_allocated: 69_632, active_count: 2, leaked_count: 0 });
         assert_eq!(m.allocations[0].id, "ring-1-g7");
         assert_eq!(m.allocations[0].kind, SegmentKind::AudioRing);
         assert_eq!(m.allocations[1].kind, SegmentKind::ControlRing);
         assert_eq!(m, reg.manifest());
         // Field names and the created format as the design specifies them.
         let raw: serde_json::Value =
-            serde_json::from_slice(&fs::read(dir.join(MANIFEST_FILE)).expect("read"))
-                .expect("json");
+            serde_json::from_slice(&fs::read(dir.join(MANIFEST_FILE)).expect("read")).expect("json");
         let a0 = &raw["allocations"][0];
         assert_eq!(a0["type"], "audio_ring");
         assert_eq!(a0["size"], 65_536);
         assert_eq!(a0["owner"], "worker-1 (pid 4242)");
         let created = a0["created"].as_str().expect("created");
         assert_eq!(created.len(), 20, "{created}");
-        assert!(
-            created.ends_with('Z') && created.as_bytes()[10] == b'T',
-            "{created}"
-        );
+        assert!(created.ends_with('Z') && created.as_bytes()[10] == b'T', "{created}");
         assert_eq!(raw["allocations"][1]["type"], "control_ring");
 
-        reg.set_owner("ctl-1-g7", "worker-2 (pid 9)")
-            .expect("set_owner");
-        assert_eq!(disk_manifest(&dir).allocations[1].owner, "worker-2 (pid 9)");
+        reg.set_owner("ctl-1-g7", "worker-2 (pid 9)").expect("set_owner");
+        assert_eq!(flushed(&mut reg, &dir).allocations[1].owner, "worker-2 (pid 9)");
 
         reg.release("ring-1-g7").expect("release");
         assert!(!dir.join("ring-1-g7").exists());
-        let m = disk_manifest(&dir);
-        assert_eq!(
-            m.stats,
-            ManifestStats {
-                total_allocated: 4096,
-                active_count: 1,
-                leaked_count: 0
-            }
-        );
+        let m = flushed(&mut reg, &dir);
+        assert_eq!(m.stats, ManifestStats { total_allocated: 4096, active_count: 1, leaked_count: 0 });
         assert_eq!(m.allocations.len(), 1);
         assert_eq!(m.allocations[0].id, "ctl-1-g7");
 
         // A file that vanished on its own still releases cleanly.
         fs::remove_file(dir.join("ctl-1-g7")).expect("rm");
         reg.release("ctl-1-g7").expect("release missing file");
-        assert_eq!(disk_manifest(&dir).stats, ManifestStats::default());
+        assert_eq!(flushed(&mut reg, &dir).stats, ManifestStats::default());
         assert!(!dir.join(MANIFEST_TMP_FILE).exists());
     }
 
@@ -822,34 +771,24 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("shm");
         let (mut reg, _) = open(&dir);
-        reg.create("ring-1-g1", 100, SegmentKind::AudioRing, "w")
-            .expect("create");
+        reg.create("ring-1-g1", 100, SegmentKind::AudioRing, "w").expect("create");
         assert!(matches!(
             reg.create("ring-1-g1", 200, SegmentKind::AudioRing, "w"),
             Err(ShmError::Duplicate(id)) if id == "ring-1-g1"
         ));
-        assert_eq!(
-            fs::metadata(dir.join("ring-1-g1")).expect("stat").len(),
-            100
-        );
+        assert_eq!(fs::metadata(dir.join("ring-1-g1")).expect("stat").len(), 100);
         assert!(matches!(reg.release("nope"), Err(ShmError::Unknown(id)) if id == "nope"));
-        assert!(matches!(
-            reg.set_owner("nope", "x"),
-            Err(ShmError::Unknown(_))
-        ));
+        assert!(matches!(reg.set_owner("nope", "x"), Err(ShmError::Unknown(_))));
 
         // An unregistered file of that name is never taken over (O_EXCL).
         fs::write(dir.join("stray"), b"not ours").expect("write");
         assert!(matches!(
             reg.create("stray", 10, SegmentKind::ControlRing, "w"),
-            Err(ShmError::Io {
-                op: "create segment",
-                ..
-            })
+            Err(ShmError::Io { op: "create segment", .. })
         ));
         assert_eq!(fs::read(dir.join("stray")).expect("read"), b"not ours");
         assert_eq!(reg.allocations().len(), 1);
-        assert_eq!(disk_manifest(&dir).stats.active_count, 1);
+        assert_eq!(flushed(&mut reg, &dir).stats.active_count, 1);
     }
 
     #[test]
@@ -891,15 +830,14 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("shm");
         let (mut reg, _) = open(&dir);
-        reg.create("ring-1-g1", 10, SegmentKind::AudioRing, "w")
-            .expect("create");
+        reg.create("ring-1-g1", 10, SegmentKind::AudioRing, "w").expect("create");
         match Registry::open(&dir) {
             Err(ShmError::InUse(p)) => assert_eq!(p, dir),
             other => panic!("expected InUse, got {other:?}"),
         }
         // The failed open must not have swept the live instance's files.
         assert!(dir.join("ring-1-g1").exists());
-        assert_eq!(disk_manifest(&dir).stats.active_count, 1);
+        assert_eq!(flushed(&mut reg, &dir).stats.active_count, 1);
 
         // Dropping without remove_all is what a crash leaves behind: the next open sweeps it.
         drop(reg);
@@ -930,17 +868,9 @@ mod tests {
                 owner: "worker-1 (pid 4242)".into(),
                 created: "2026-11-30T10:00:00Z".into(),
             }],
-            stats: ManifestStats {
-                total_allocated: 1000,
-                active_count: 1,
-                leaked_count: 0,
-            },
+            stats: ManifestStats { total_allocated: 1000, active_count: 1, leaked_count: 0 },
         };
-        fs::write(
-            dir.join(MANIFEST_FILE),
-            serde_json::to_vec(&stale).expect("ser"),
-        )
-        .expect("write");
+        fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec(&stale).expect("ser")).expect("write");
 
         let (reg, sweep) = open(&dir);
         assert_eq!(sweep.files, ["ctl-1-g3", "ring-1-g3"]);
@@ -972,8 +902,7 @@ mod tests {
         let dir = tmp.path().join("shm");
         let (mut reg, _) = open(&dir);
         for id in ["ring-1-g1", "ring-2-g1", "ring-3-g1"] {
-            reg.create(id, 64, SegmentKind::AudioRing, "w")
-                .expect("create");
+            reg.create(id, 64, SegmentKind::AudioRing, "w").expect("create");
         }
         let all_live = |_: &str| true;
         assert_eq!(reg.audit(&all_live).expect("audit"), AuditReport::default());
@@ -987,7 +916,7 @@ mod tests {
         assert_eq!(report.orphaned, ["ring-3-g1"]);
         assert_eq!(report.leaked(), 3);
         assert_eq!(reg.manifest().stats.leaked_count, 3);
-        assert_eq!(disk_manifest(&dir).stats.leaked_count, 3);
+        assert_eq!(flushed(&mut reg, &dir).stats.leaked_count, 3);
         // Audit deletes nothing and keeps the registrations.
         assert!(dir.join("stray").exists());
         assert!(dir.join("ring-3-g1").exists());
@@ -998,7 +927,7 @@ mod tests {
         reg.release("ring-2-g1").expect("release");
         reg.release("ring-3-g1").expect("release");
         assert_eq!(reg.audit(&all_live).expect("audit").leaked(), 0);
-        assert_eq!(disk_manifest(&dir).stats.leaked_count, 0);
+        assert_eq!(flushed(&mut reg, &dir).stats.leaked_count, 0);
     }
 
     #[test]
@@ -1006,27 +935,22 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("shm");
         let (mut reg, _) = open(&dir);
-        reg.create("ring-1-g1", 64, SegmentKind::AudioRing, "w")
-            .expect("create");
+        reg.create("ring-1-g1", 64, SegmentKind::AudioRing, "w").expect("create");
 
         fs::remove_file(dir.join(MANIFEST_FILE)).expect("rm");
         reg.audit(&|_: &str| true).expect("audit");
-        assert_eq!(disk_manifest(&dir), reg.manifest());
+        assert_eq!(flushed(&mut reg, &dir), reg.manifest());
 
         let mut edited = reg.manifest();
         edited.allocations[0].owner = "someone else".into();
-        fs::write(
-            dir.join(MANIFEST_FILE),
-            serde_json::to_vec(&edited).expect("ser"),
-        )
-        .expect("write");
+        fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec(&edited).expect("ser")).expect("write");
         reg.audit(&|_: &str| true).expect("audit");
-        assert_eq!(disk_manifest(&dir), reg.manifest());
+        assert_eq!(flushed(&mut reg, &dir), reg.manifest());
 
         fs::write(dir.join(MANIFEST_FILE), b"garbage").expect("write");
         let report = reg.audit(&|_: &str| true).expect("audit");
         assert_eq!(report, AuditReport::default());
-        assert_eq!(disk_manifest(&dir), reg.manifest());
+        assert_eq!(flushed(&mut reg, &dir), reg.manifest());
     }
 
     #[test]
@@ -1034,17 +958,16 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("shm");
         let (mut reg, _) = open(&dir);
-        reg.create("ring-1-g1", 64, SegmentKind::AudioRing, "w")
-            .expect("create");
-        reg.create("ctl-1-g1", 64, SegmentKind::ControlRing, "w")
-            .expect("create");
+        reg.create("ring-1-g1", 64, SegmentKind::AudioRing, "w").expect("create");
+        reg.create("ctl-1-g1", 64, SegmentKind::ControlRing, "w").expect("create");
         reg.remove_all().expect("remove_all");
-        assert!(!dir.exists());
+        // The directory stays, empty and ours (never removed: see remove_all).
+        assert_eq!(fs::read_dir(&dir).expect("ls").count(), 0);
+        assert_eq!(mode(&dir), 0o700);
 
-        // With a file that is not ours, everything of ours goes but the directory stays.
+        // With a file that is not ours, everything of ours goes.
         let (mut reg, _) = open(&dir);
-        reg.create("ring-1-g2", 64, SegmentKind::AudioRing, "w")
-            .expect("create");
+        reg.create("ring-1-g2", 64, SegmentKind::AudioRing, "w").expect("create");
         fs::write(dir.join("stray"), b"?").expect("write");
         reg.remove_all().expect("remove_all");
         let mut left: Vec<_> = fs::read_dir(&dir)
@@ -1058,6 +981,34 @@ mod tests {
         assert!(sweep.previous_manifest.is_none());
     }
 
+    /// What someone planted while no instance ran (a symlink or FIFO where the manifest and
+    /// the lock file go, a file of someone else's as the lock file) is neither followed nor
+    /// opened for long: the open never blocks or fails on it, and the sweep removes it.
+    #[test]
+    fn planted_links_and_fifos_neither_followed_nor_blocking() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("shm");
+        fs::create_dir(&dir).expect("mkdir");
+        let target = tmp.path().join("precious");
+        fs::write(&target, b"not yours").expect("write");
+        std::os::unix::fs::symlink(&target, dir.join(MANIFEST_FILE)).expect("symlink");
+        let fifo = |p: &Path| {
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+            // SAFETY: mkfifo with a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        };
+        fifo(&dir.join(LOCK_FILE));
+        fifo(&dir.join(MANIFEST_TMP_FILE));
+        fifo(&dir.join("ring-0-g1"));
+        let (reg, sweep) = open(&dir);
+        assert!(sweep.previous_manifest.is_none(), "a symlinked manifest is not read");
+        assert_eq!(fs::read(&target).expect("read"), b"not yours", "the link's target is untouched");
+        assert!(fs::symlink_metadata(dir.join(LOCK_FILE)).expect("lock").file_type().is_file());
+        assert!(fs::symlink_metadata(dir.join(MANIFEST_FILE)).expect("manifest").file_type().is_file());
+        assert!(!dir.join("ring-0-g1").exists() && !dir.join(MANIFEST_TMP_FILE).exists());
+        assert_eq!(disk_manifest(&dir), reg.manifest());
+    }
+
     #[test]
     fn rfc3339_known_instants() {
         let at = |s: u64| rfc3339_utc(UNIX_EPOCH + Duration::from_secs(s));
@@ -1068,17 +1019,8 @@ mod tests {
         assert_eq!(at(951_868_800), "2000-03-01T00:00:00Z");
         assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59Z");
         assert_eq!(at(4_107_542_400), "2100-03-01T00:00:00Z"); // 2100 is not a leap year
-        assert_eq!(
-            rfc3339_utc(UNIX_EPOCH + Duration::from_millis(1_764_496_800_999)),
-            "2025-11-30T10:00:00Z"
-        );
-        assert_eq!(
-            rfc3339_utc(UNIX_EPOCH - Duration::from_secs(1)),
-            "1969-12-31T23:59:59Z"
-        );
-        assert_eq!(
-            rfc3339_utc(UNIX_EPOCH - Duration::from_millis(1)),
-            "1969-12-31T23:59:59Z"
-        );
+        assert_eq!(rfc3339_utc(UNIX_EPOCH + Duration::from_millis(1_764_496_800_999)), "2025-11-30T10:00:00Z");
+        assert_eq!(rfc3339_utc(UNIX_EPOCH - Duration::from_secs(1)), "1969-12-31T23:59:59Z");
+        assert_eq!(rfc3339_utc(UNIX_EPOCH - Duration::from_millis(1)), "1969-12-31T23:59:59Z");
     }
 }

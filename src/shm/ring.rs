@@ -32,6 +32,12 @@ use crate::engine::{EngineState, CHANNELS};
 pub const MODE_IDLE: u64 = 0;
 pub const MODE_RUN: u64 = 1;
 
+/// The role a worker is told (for its process name only: it renders the same either way).
+pub const ROLE_NONE: u32 = 0;
+pub const ROLE_PRIMARY: u32 = 1;
+pub const ROLE_SPARE: u32 = 2;
+pub const ROLE_RESERVE: u32 = 3;
+
 #[repr(C, align(64))]
 struct Line<T>(T);
 
@@ -46,7 +52,7 @@ struct Status {
     ready: AtomicU32,
     realtime: AtomicU32,
     pid: AtomicU32,
-    _pad: u32,
+    sandboxed: AtomicU32,
     late: AtomicU64,
     duplicates: AtomicU64,
 }
@@ -72,6 +78,8 @@ struct Live {
     read_index: Line<AtomicU64>,
     write_index: Line<AtomicU64>,
     status: Line<Status>,
+    /// Supervisor -> worker: ROLE_*, shown in the worker's process name.
+    role: Line<AtomicU32>,
 }
 
 #[repr(C)]
@@ -114,6 +122,8 @@ impl RingGeometry {
 pub struct AudioRing {
     map: Mapping,
     geo: RingGeometry,
+    /// The supervisor's mapping is pinned (mlock granted at create).
+    locked: bool,
 }
 
 // SAFETY: all shared fields are atomics or are accessed through raw pointers under the
@@ -129,7 +139,7 @@ impl AudioRing {
         if (map.len() as u64) < geo.segment_size() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "segment smaller than the ring layout"));
         }
-        let ring = AudioRing { map, geo };
+        let mut ring = AudioRing { map, geo, locked: false };
         // SAFETY: the mapping is at least header-sized (checked above), page-aligned, and no
         // worker has it yet, so these plain writes race with nobody.
         unsafe {
@@ -142,8 +152,15 @@ impl AudioRing {
             (*h).version = LAYOUT_VERSION;
             (*h).magic = MAGIC_AUDIO;
         }
-        ring.map.lock().ok();
+        // The output thread reads it every period: it must never page-fault. A refusal is the
+        // caller's to report (counted), not fatal.
+        ring.locked = ring.map.lock().is_ok();
         Ok(ring)
+    }
+
+    /// Was the supervisor's mapping pinned in memory at create?
+    pub fn locked(&self) -> bool {
+        self.locked
     }
 
     /// Worker side: maps an inherited segment and validates its header.
@@ -176,7 +193,7 @@ impl AudioRing {
         {
             return Err(bad("audio ring geometry does not match its segment"));
         }
-        Ok(AudioRing { map, geo })
+        Ok(AudioRing { map, geo, locked: false })
     }
 
     pub fn geometry(&self) -> RingGeometry {
@@ -218,9 +235,15 @@ impl AudioRing {
         self.header().read_index.0.store(index, Ordering::Release);
     }
 
-    /// How many more blocks the writer may commit right now.
+    /// Worker: how many more blocks it may commit right now (by the read index in the ring).
     pub fn space(&self) -> u64 {
-        (self.read_index() + self.geo.slots as u64).saturating_sub(self.write_index())
+        self.read_index().saturating_add(self.geo.slots as u64).saturating_sub(self.write_index())
+    }
+
+    /// Supervisor: how many more blocks the worker may commit when the output is at block
+    /// `read` (the supervisor's own position: the read index in the ring is worker-writable).
+    pub fn space_at(&self, read: u64) -> u64 {
+        read.saturating_add(self.geo.slots as u64).saturating_sub(self.write_index())
     }
 
     // ---- commands (supervisor -> worker) -----------------------------------------------------
@@ -238,6 +261,16 @@ impl AudioRing {
         h.read_index.0.store(read_index, Ordering::Relaxed);
         let gen = (h.command.0.load(Ordering::Relaxed) >> 8) + 1;
         h.command.0.store((gen << 8) | MODE_RUN, Ordering::Release);
+    }
+
+    /// Supervisor: tells the worker its role (ROLE_*); it renames itself at its next wake-up.
+    pub fn set_role(&self, role: u32) {
+        self.header().role.0.store(role, Ordering::Relaxed);
+    }
+
+    /// Worker: the role it was last told (untrusted on the other side: a name, nothing more).
+    pub fn role(&self) -> u32 {
+        self.header().role.0.load(Ordering::Relaxed)
     }
 
     /// Worker: the current command word (generation << 8 | mode).
@@ -272,12 +305,37 @@ impl AudioRing {
         self.header().write_index.0.store(block + 1, Ordering::Release);
     }
 
+    /// TEST-ONLY (the worker's fault switch): overwrites the samples of published block
+    /// `block` with full-scale noise, leaving its state as it was: a stray write into memory
+    /// the output may be about to play.
+    pub fn test_scribble_samples(&self, block: u64) {
+        let slot = self.slot_ptr(block);
+        for i in 0..self.geo.samples_per_block() {
+            let v = if i % 2 == 0 { 1.0f32 } else { -1.0 };
+            // SAFETY: i < samples_per_block, inside the slot (see produce). The consumer may
+            // be copying these samples now: it validates its copy against the checksum.
+            unsafe { std::ptr::write_volatile(slot.add(STATE_BYTES).cast::<f32>().add(i), v) };
+        }
+    }
+
+    /// TEST-ONLY (the worker's fault switch): the mapping, for a worker that tries to punch a
+    /// hole into it.
+    pub fn test_mapping(&self) -> (*mut u8, usize) {
+        (self.map.ptr(), self.map.len())
+    }
+
     /// Worker: status fields the supervisor reads.
-    pub fn set_status(&self, pid: u32, realtime: bool) {
+    pub fn set_status(&self, pid: u32, realtime: bool, sandboxed: bool) {
         let s = &self.header().status.0;
         s.pid.store(pid, Ordering::Relaxed);
         s.realtime.store(realtime as u32, Ordering::Relaxed);
+        s.sandboxed.store(sandboxed as u32, Ordering::Relaxed);
         s.ready.store(1, Ordering::Release);
+    }
+
+    /// The worker runs under its seccomp filter (untrusted: reported, never relied on).
+    pub fn worker_sandboxed(&self) -> bool {
+        self.header().status.0.sandboxed.load(Ordering::Relaxed) == 1
     }
 
     pub fn set_control_stats(&self, late: u64, duplicates: u64) {
@@ -302,17 +360,22 @@ impl AudioRing {
 
     // ---- consumer (supervisor) ---------------------------------------------------------
 
+    /// Is `block` inside the window of committed, not yet recyclable blocks for write index
+    /// `w` (untrusted: any value)? Written so that no value of `w` can overflow.
+    fn in_window(&self, block: u64, w: u64) -> bool {
+        block < w && w - block <= self.geo.slots as u64
+    }
+
     /// Reads the state committed with `block`, if the ring holds a valid block `block`.
     /// Untrusted memory: the state must carry the expected frame and pass its checksum.
     pub fn committed_state(&self, block: u64) -> Option<EngineState> {
-        let w = self.write_index();
-        if block >= w || w > block + self.geo.slots as u64 {
+        if !self.in_window(block, self.write_index()) {
             return None;
         }
         // SAFETY: the slot lies inside the mapping; a volatile read of plain data from memory
         // another process may be writing yields some bit pattern, which we validate below.
         let state = unsafe { std::ptr::read_volatile(self.slot_ptr(block).cast::<EngineState>()) };
-        let expected_end = (block + 1) * self.geo.block_frames as u64;
+        let expected_end = block.checked_add(1)?.checked_mul(self.geo.block_frames as u64)?;
         if state.frame != expected_end || !state.is_valid(self.geo.sample_rate) {
             return None;
         }
@@ -320,24 +383,72 @@ impl AudioRing {
         // last, so a recycled slot shows another frame or fails the checksum (rejected above);
         // the window re-check catches a recycle that completed while we read. (The output
         // thread reads only block == read_index, which is never recycled under it.)
-        (self.write_index() <= block + self.geo.slots as u64).then_some(state)
+        self.in_window(block, self.write_index()).then_some(state)
     }
 
     /// Output thread: copies block `block` into `out` if this ring holds a valid one.
-    /// Real-time safe: no allocation, no lock, no syscall. Samples are sanitised (NaN to 0,
-    /// clamped to [-1, 1]) so a dying worker's garbage can never reach the speaker.
+    /// Real-time safe: no allocation, no lock, no syscall. The copy must match the samples'
+    /// checksum sealed in the block's state (a stray write into a published block is
+    /// rejected, never played), and samples are sanitised (NaN to 0, clamped to [-1, 1]) so
+    /// nothing a dying worker leaves can reach the speaker as noise.
     pub fn read_block(&self, block: u64, out: &mut [f32]) -> Option<EngineState> {
         let state = self.committed_state(block)?;
-        let n = self.geo.samples_per_block().min(out.len());
+        let n = self.geo.samples_per_block();
+        let out = out.get_mut(..n)?;
         let src = self.slot_ptr(block);
-        // SAFETY: the slot holds samples_per_block f32s after the state (see produce); the
-        // ring's read_index has not passed `block`, so the worker does not rewrite it.
+        // SAFETY: the slot holds samples_per_block f32s after the state (see produce), and
+        // `out` holds exactly that many; a concurrent write by the worker can only change the
+        // values copied, which the checksum below catches.
         unsafe { std::ptr::copy_nonoverlapping(src.add(STATE_BYTES).cast::<f32>(), out.as_mut_ptr(), n) };
-        for s in &mut out[..n] {
+        if crate::engine::samples_check(out) != state.samples_check {
+            return None;
+        }
+        for s in out.iter_mut() {
             *s = if s.is_nan() { 0.0 } else { s.clamp(-1.0, 1.0) };
         }
         // The state is re-validated after the copy: a torn block is rejected as a whole.
         (self.committed_state(block) == Some(state)).then_some(state)
+    }
+
+    /// Supervisor: some block the ring holds from `from` on (committed, inside its window) is
+    /// not valid: a bad state, or samples that no longer match their sealed checksum (the
+    /// worker corrupted a block it had published). Reads the samples in place, no copy. The
+    /// caller must make sure no slot looked at could be recycled meanwhile (the output had not
+    /// passed `from` before and after the call, as for the output thread itself), or a
+    /// recycled slot reads as invalid. Real-time safe (loads and arithmetic only).
+    pub fn holds_any_invalid(&self, from: u64) -> bool {
+        let w = self.write_index();
+        (from..w.min(from.saturating_add(self.geo.slots as u64))).any(|b| self.holds_invalid(b))
+    }
+
+    /// Supervisor: the ring holds block `block` (committed, inside its window) and it is not
+    /// valid (see [`AudioRing::holds_any_invalid`] for the caller's duty).
+    pub fn holds_invalid(&self, block: u64) -> bool {
+        if !self.in_window(block, self.write_index()) {
+            return false;
+        }
+        self.committed_state(block).is_none_or(|state| !self.samples_intact(block, &state))
+    }
+
+    /// Do block `block`'s samples still match the checksum sealed in its `state`? Reads them
+    /// in place (volatile: worker-writable memory), no copy, no allocation.
+    fn samples_intact(&self, block: u64, state: &EngineState) -> bool {
+        let samples = self.slot_ptr(block).wrapping_add(STATE_BYTES).cast::<f32>();
+        let mut chunk = [0.0f32; 64];
+        let mut h = crate::engine::SamplesCheck::new();
+        let n = self.geo.samples_per_block();
+        let mut i = 0;
+        while i < n {
+            let k = (n - i).min(chunk.len());
+            for (j, c) in chunk[..k].iter_mut().enumerate() {
+                // SAFETY: i + j < samples_per_block, inside the slot (see produce); a volatile
+                // read of worker-writable memory yields some bit pattern, checked below.
+                *c = unsafe { std::ptr::read_volatile(samples.add(i + j)) };
+            }
+            h.add(&chunk[..k]);
+            i += k;
+        }
+        h.finish() == state.samples_check
     }
 
     /// Where a successor continues when this ring's worker died with the output at block
@@ -346,10 +457,12 @@ impl AudioRing {
     /// ring holds nothing at `pos`, its newest valid state.
     pub fn handoff_state(&self, pos: u64) -> Option<(u64, EngineState)> {
         let w = self.write_index();
-        if pos < w && pos + self.geo.slots as u64 >= w {
+        if self.in_window(pos, w) {
             let mut end = None;
+            // A block whose samples no longer match their checksum cannot be played either:
+            // the run ends before it, so that a successor renders it again.
             for b in pos..w {
-                match self.committed_state(b) {
+                match self.committed_state(b).filter(|s| self.samples_intact(b, s)) {
                     Some(s) => end = Some((b + 1, s)),
                     None => break,
                 }
@@ -358,6 +471,12 @@ impl AudioRing {
             return end.or_else(|| pos.checked_sub(1).and_then(|p| self.committed_state(p)).map(|s| (pos, s)));
         }
         self.last_valid_state(0)
+    }
+
+    /// Does the ring hold any valid committed block at or after block `from` (something the
+    /// output may still need)?
+    pub fn holds_valid_from(&self, from: u64) -> bool {
+        self.last_valid_state(from).is_some()
     }
 
     /// The newest valid committed state at or after block `min_block`, walking back over
@@ -419,7 +538,7 @@ mod tests {
         let (f, r, _) = ring();
         let w = AudioRing::attach(f.as_file()).unwrap();
         fill(&w, 4, Some(2)); // block 2 is garbage
-        // Newest valid is block 3, but a successor must continue after block 1.
+                              // Newest valid is block 3, but a successor must continue after block 1.
         assert_eq!(r.last_valid_state(0).unwrap().0, 4);
         assert_eq!(r.handoff_state(0).unwrap().0, 2);
         assert_eq!(r.handoff_state(2).unwrap().0, 2, "pos itself bad: continue from pos-1's end");
@@ -442,6 +561,79 @@ mod tests {
         r.header().write_index.0.store(1 << 40, Ordering::Release);
         assert!(r.committed_state(3).is_none());
         assert!(r.last_valid_state(0).is_none());
+    }
+
+    /// A worker started ahead of the output (command_run at a base beyond the output's
+    /// position) holds nothing at the position yet, but its blocks further on must stay
+    /// playable: the ring still holds valid blocks from there.
+    #[test]
+    fn a_ring_started_ahead_of_the_output_still_holds_what_comes_later() {
+        let (f, r, _) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        let mut e = Engine::new(48_000, EngineState::initial(440.0, 0.5, ramp_frames(48_000)));
+        let mut scratch = vec![0.0; 128];
+        for _ in 0..10 {
+            e.render(&mut scratch); // the state at the end of block 9
+        }
+        r.command_run(10, e.state(), 8);
+        for b in 10..12 {
+            w.produce(b, |s| {
+                e.render(s);
+                *e.state()
+            });
+        }
+        assert!(r.committed_state(8).is_none(), "nothing at the output's position");
+        assert!(r.holds_valid_from(8), "but blocks 10 and 11 are still to play");
+        assert!(r.holds_valid_from(11));
+        assert!(!r.holds_valid_from(12), "drained once the output is past them");
+    }
+
+    /// Indices a broken worker can write, at the edges of u64: nothing the supervisor
+    /// computes from them may overflow (this test panics in a debug build if it does; CI runs
+    /// the unit tests in one).
+    #[test]
+    fn garbage_indices_never_overflow() {
+        let (f, r, geo) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        fill(&w, 4, None);
+        let mut out = vec![0.0; geo.samples_per_block()];
+        for write in [u64::MAX, u64::MAX - 1, u64::MAX - 3, 1 << 63, 0] {
+            for read in [u64::MAX, u64::MAX - 2, 0, 3] {
+                r.header().write_index.0.store(write, Ordering::Release);
+                r.header().read_index.0.store(read, Ordering::Release);
+                for pos in [0, 3, u64::MAX - 4, u64::MAX - 1, u64::MAX] {
+                    let _ = r.committed_state(pos);
+                    let _ = r.read_block(pos, &mut out);
+                    let _ = r.handoff_state(pos);
+                    let _ = r.last_valid_state(pos);
+                    let _ = r.holds_invalid(pos);
+                    let _ = r.space_at(pos);
+                }
+                let _ = w.space();
+            }
+        }
+        // Whatever the worker wrote, the supervisor's own position decides the room.
+        r.header().write_index.0.store(4, Ordering::Release);
+        r.header().read_index.0.store(u64::MAX, Ordering::Release);
+        assert_eq!(r.space_at(2), 2);
+        assert_eq!(r.space_at(0), 0);
+    }
+
+    /// A stray write into a published block's samples (its state intact) makes the block
+    /// invalid: never played, and a successor renders it again.
+    #[test]
+    fn a_stray_write_into_published_samples_is_caught() {
+        let (f, r, geo) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        fill(&w, 4, None);
+        let mut out = vec![0.0; geo.samples_per_block()];
+        assert!(r.read_block(2, &mut out).is_some() && !r.holds_invalid(2));
+        w.test_scribble_samples(2);
+        assert!(r.committed_state(2).is_some(), "the state alone still checks out");
+        assert!(r.read_block(2, &mut out).is_none(), "scribbled samples must not play");
+        assert!(r.holds_invalid(2));
+        assert!(!r.holds_invalid(1) && !r.holds_invalid(3));
+        assert_eq!(r.handoff_state(0).unwrap().0, 2, "the run of playable blocks ends before block 2");
     }
 
     #[test]

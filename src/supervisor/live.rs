@@ -6,29 +6,27 @@
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 use crate::config::Config;
+use crate::playback::Playback;
 use crate::sys;
 
+/// The output thread's priority and id live in [`crate::playback::Playback`] (the output
+/// thread reads nothing else); these are the rest.
 pub(crate) struct Live {
-    pub output_priority: AtomicI32,
     pub monitor_priority: AtomicI32,
     pub render_priority: AtomicI32,
     pub max_restarts: AtomicU32,
     pub restart_window_s: AtomicU32,
-    /// Kernel ids of the threads playing (output, or cpal's callback) and monitoring (0 until
-    /// they run).
-    pub output_tid: AtomicI32,
+    /// Kernel id of the monitor thread (0 until it runs).
     pub monitor_tid: AtomicI32,
 }
 
 impl Live {
     pub fn new(c: &Config) -> Live {
         Live {
-            output_priority: AtomicI32::new(c.output_priority),
             monitor_priority: AtomicI32::new(c.monitor_priority),
             render_priority: AtomicI32::new(c.render_priority),
             max_restarts: AtomicU32::new(c.max_restarts),
             restart_window_s: AtomicU32::new(c.restart_window_s),
-            output_tid: AtomicI32::new(0),
             monitor_tid: AtomicI32::new(0),
         }
     }
@@ -37,14 +35,21 @@ impl Live {
     /// to the `workers` (their render loop is the main thread: tid = pid). Stored first, so a
     /// worker spawned meanwhile already starts at the new priority. Returns what the kernel
     /// refused, one line each (the setting still holds for threads started later).
-    pub fn set_priorities(&self, output: i32, monitor: i32, render: i32, workers: &[u32]) -> Vec<String> {
+    pub fn set_priorities(
+        &self,
+        play: &Playback,
+        output: i32,
+        monitor: i32,
+        render: i32,
+        workers: &[u32],
+    ) -> Vec<String> {
         // SeqCst, paired with the threads' "store my id, then load the priority": either this
         // sees the id, or the thread sees the new priority.
-        self.output_priority.store(output, Ordering::SeqCst);
+        play.priority.store(output, Ordering::SeqCst);
         self.monitor_priority.store(monitor, Ordering::SeqCst);
         self.render_priority.store(render, Ordering::SeqCst);
         let mut targets = vec![
-            ("output thread".to_owned(), self.output_tid.load(Ordering::SeqCst), output),
+            ("output thread".to_owned(), play.tid.load(Ordering::SeqCst), output),
             ("monitor thread".to_owned(), self.monitor_tid.load(Ordering::SeqCst), monitor),
         ];
         // A dead worker can stay listed for the microseconds between its reaping and the
@@ -54,7 +59,9 @@ impl Live {
         targets
             .into_iter()
             .filter(|(_, tid, _)| *tid > 0)
-            .filter_map(|(what, tid, prio)| sys::set_fifo_of(tid, prio).err().map(|e| format!("{what}: SCHED_FIFO {prio} refused ({e})")))
+            .filter_map(|(what, tid, prio)| {
+                sys::set_fifo_of(tid, prio).err().map(|e| format!("{what}: SCHED_FIFO {prio} refused ({e})"))
+            })
             .collect()
     }
 

@@ -9,9 +9,9 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// The fds a worker receives, as numbers in the supervisor.
@@ -20,33 +20,30 @@ pub(crate) struct WorkerFds<'a> {
     pub ctl: &'a File,
     pub wake: RawFd,
     pub event: RawFd,
+    /// Its slot and generation, for its process name.
+    pub slot: usize,
+    pub id: u64,
 }
 
-/// Duplicates `fd` without FD_CLOEXEC (so it survives exec).
-fn dup_inheritable(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD (not F_DUPFD_CLOEXEC) on a valid fd; returns a new fd we own.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD, 3) };
-    if new < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd returned by the kernel.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
+use crate::sys::dup_inheritable;
 
-/// Spawns `exe --worker ring=..,ctl=..,wake=..,event=..,prio=..,ppid=..`. Returns the pid.
+/// Spawns `exe --worker ring=..,ctl=..,wake=..,event=..,prio=..,ppid=..,slot=..,id=..`.
+/// Returns the pid.
 pub(crate) fn spawn_worker(exe: &Path, fds: &WorkerFds<'_>, render_priority: i32) -> io::Result<u32> {
     let ring = dup_inheritable(fds.ring.as_raw_fd())?;
     let ctl = dup_inheritable(fds.ctl.as_raw_fd())?;
     let wake = dup_inheritable(fds.wake)?;
     let event = dup_inheritable(fds.event)?;
     let spec = format!(
-        "ring={},ctl={},wake={},event={},prio={},ppid={}",
+        "ring={},ctl={},wake={},event={},prio={},ppid={},slot={},id={}",
         ring.as_raw_fd(),
         ctl.as_raw_fd(),
         wake.as_raw_fd(),
         event.as_raw_fd(),
         render_priority,
-        std::process::id()
+        std::process::id(),
+        fds.slot,
+        fds.id
     );
     // argv[0] names the service in ps/top even when exe is /proc/self/exe. A process group of
     // its own: a terminal's Ctrl-C, Ctrl-Z or Ctrl-\ goes to the supervisor, which stops its

@@ -9,12 +9,13 @@
 //! The render loop is an audio thread: no allocation, no lock, no logging; it blocks only in
 //! its eventfd wait.
 
-use std::fs::File;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::RawFd;
+
+mod sandbox;
 
 use crate::engine::{Engine, EngineState};
 use crate::shm::control::ControlRing;
-use crate::shm::ring::{AudioRing, MODE_RUN};
+use crate::shm::ring::{AudioRing, MODE_RUN, ROLE_NONE, ROLE_PRIMARY, ROLE_RESERVE, ROLE_SPARE};
 use crate::sys::{self, EventFd};
 
 /// Stack the render loop may use, faulted in and locked up front.
@@ -29,16 +30,19 @@ pub struct WorkerArgs {
     pub event: RawFd,
     pub priority: i32,
     pub ppid: i32,
+    /// Its slot and generation (the segments' `ring-SLOT-gID`), for its process name.
+    pub slot: u32,
+    pub id: u64,
 }
 
 impl WorkerArgs {
-    /// Parses `ring=3,ctl=4,wake=5,event=6,prio=70,ppid=123`.
+    /// Parses `ring=3,ctl=4,wake=5,event=6,prio=70,ppid=123,slot=0,id=1`.
     ///
     /// # Errors
     /// A missing or malformed field, named.
     pub fn parse(spec: &str) -> Result<WorkerArgs, String> {
-        let mut v = [None::<i64>; 6];
-        const KEYS: [&str; 6] = ["ring", "ctl", "wake", "event", "prio", "ppid"];
+        let mut v = [None::<i64>; 8];
+        const KEYS: [&str; 8] = ["ring", "ctl", "wake", "event", "prio", "ppid", "slot", "id"];
         for part in spec.split(',') {
             let (k, val) = part.split_once('=').ok_or_else(|| format!("malformed worker field {part:?}"))?;
             let i = KEYS.iter().position(|&x| x == k).ok_or_else(|| format!("unknown worker field {k:?}"))?;
@@ -60,6 +64,8 @@ impl WorkerArgs {
             event: fd(3)?,
             priority: get(4)?.clamp(1, 99) as i32,
             ppid: get(5)? as i32,
+            slot: get(6)?.clamp(0, u32::MAX as i64) as u32,
+            id: get(7)?.max(0) as u64,
         })
     }
 }
@@ -88,54 +94,39 @@ pub fn main(args: &[String]) -> i32 {
 
 /// Die with the supervisor, and make sure it is still the one that started us.
 fn bind_to_parent(ppid: i32) -> Result<(), String> {
-    // SAFETY: prctl(PR_SET_PDEATHSIG, SIGKILL) takes an integer signal number.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
-    // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } != ppid {
+    if sys::die_with_parent() != ppid {
         return Err("the supervisor exited before the worker started".into());
     }
     Ok(())
 }
 
-/// Closes every fd except stdio and ours: a concurrent spawn elsewhere in the supervisor
-/// may have leaked its inheritable duplicates into us.
-fn close_stray_fds(keep: &[RawFd]) {
-    let mut keep: Vec<RawFd> = keep.to_vec();
-    keep.sort_unstable();
-    let mut from: u32 = 3;
-    for &k in &keep {
-        if (k as u32) > from {
-            // SAFETY: close_range on fds we do not use; no Rust object owns them.
-            unsafe { libc::syscall(libc::SYS_close_range, from, k as u32 - 1, 0) };
-        }
-        from = k as u32 + 1;
-    }
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0) };
-}
+/// How much more an OOM killer should prefer this worker: a dead worker is a failover nobody
+/// hears, a dead supervisor is silence. With +500 (raising needs no privilege) a worker goes
+/// before the supervisor and before every process using less than half of the memory, while a
+/// runaway one using more (the likely cause) still goes first.
+pub const OOM_SCORE_ADJ: i32 = 500;
 
-/// The supervisor blocks SIGTERM/SIGINT to take them synchronously, and the mask survives
-/// exec: unblock everything so a worker dies of SIGTERM as it should.
-fn reset_signal_mask() {
-    // SAFETY: an empty, initialised sigset applied to the calling (only) thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-    }
+fn prefer_to_be_oom_killed() {
+    // Best effort: without /proc the worker just keeps the supervisor's score.
+    let _ = std::fs::write("/proc/self/oom_score_adj", OOM_SCORE_ADJ.to_string());
 }
 
 fn run(a: WorkerArgs) -> Result<std::convert::Infallible, String> {
-    reset_signal_mask();
+    // The supervisor blocks SIGTERM/SIGINT to take them synchronously, and the mask survives
+    // exec: a worker must die of SIGTERM as it should.
+    sys::unblock_all_signals();
     bind_to_parent(a.ppid)?;
+    prefer_to_be_oom_killed();
+    test_fault_stuck_at_start();
     sys::disable_core_dumps();
-    close_stray_fds(&[a.ring, a.ctl, a.wake, a.event]);
-    // SAFETY: the supervisor passed these fds to us at exec; nothing else in this process
-    // owns them (stray fds were closed above, these were kept).
-    let (ring_file, ctl_file, wake, event) =
-        unsafe { (File::from_raw_fd(a.ring), File::from_raw_fd(a.ctl), EventFd::from_raw(a.wake), EventFd::from_raw(a.event)) };
+    // A concurrent spawn elsewhere in the supervisor may have leaked its inheritable
+    // duplicates into us: every fd but stdio and ours goes.
+    sys::close_fds_except(&[a.ring, a.ctl, a.wake, a.event]);
+    let (ring_file, ctl_file, wake, event) = sys::adopt_worker_fds([a.ring, a.ctl, a.wake, a.event]);
     let ring = AudioRing::attach(&ring_file).map_err(|e| format!("audio ring: {e}"))?;
     let ctl = ControlRing::attach(&ctl_file).map_err(|e| format!("control ring: {e}"))?;
+    let mut fault = TestFault::from_env();
+    fault.ring_path = fault.marker.as_ref().and_then(|_| std::fs::read_link(format!("/proc/self/fd/{}", a.ring)).ok());
     drop((ring_file, ctl_file)); // the mappings stay
 
     // Everything the render loop touches, allocated, faulted in and locked now.
@@ -147,12 +138,37 @@ fn run(a: WorkerArgs) -> Result<std::convert::Infallible, String> {
     let _ = ring.lock();
     let _ = ctl.lock();
     sys::prefault_stack(STACK_PREFAULT);
-    let fault = TestFault::from_env();
+    // From here on the worker cannot shrink a segment or signal another process. Refused
+    // (a kernel without seccomp, a unit whose SystemCallFilter= lacks `seccomp`): it runs
+    // without, and the supervisor reports that once, like a refused SCHED_FIFO.
+    let sandboxed = match sandbox::install() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("audiowardend worker {}: {e}; running without the sandbox", std::process::id());
+            false
+        }
+    };
     let realtime = sys::set_fifo(a.priority).is_ok();
+    let names = Names::new(a.slot, a.id);
+    sys::set_thread_name(names.of(ROLE_NONE));
 
-    ring.set_status(std::process::id(), realtime);
+    ring.set_status(std::process::id(), realtime, sandboxed);
     event.notify();
-    render_loop(&ring, &ctl, &wake, &event, &mut engine, fault)
+    render_loop(&ring, &ctl, &wake, &event, &mut engine, fault, &names)
+}
+
+/// TEST-ONLY: with `AUDIOWARDEN_TEST_FAULT=stuck:PATH`, the first worker to create PATH never
+/// gets ready: it sleeps at the very start, before mapping anything or asking for its
+/// priority (so its scheduling policy is still the one it was spawned with). Never set it in
+/// production.
+fn test_fault_stuck_at_start() {
+    let Ok(v) = std::env::var("AUDIOWARDEN_TEST_FAULT") else { return };
+    let Some(path) = v.strip_prefix("stuck:") else { return };
+    if std::fs::OpenOptions::new().write(true).create_new(true).open(path).is_ok() {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
 }
 
 /// TEST-ONLY fault switch, for the containment tests. With `AUDIOWARDEN_TEST_FAULT=KIND:PATH`
@@ -160,52 +176,165 @@ fn run(a: WorkerArgs) -> Result<std::convert::Infallible, String> {
 /// exactly one worker ever does) misbehaves:
 /// - `garbage`: publishes one block of garbage (NaN samples, a state that fails its checksum)
 ///   and aborts, like a worker corrupting its memory as it dies;
-/// - `spin`: spins forever without rendering (an endless loop).
+/// - `spin`: spins forever without rendering (an endless loop);
+/// - `scribble`: overwrites the samples of the newest block it published with full-scale
+///   noise (a stray write into published memory) and goes on rendering;
+/// - `truncate`: tries every way to shrink its audio ring's file (ftruncate, truncate by path,
+///   open with O_TRUNC, a punched hole, madvise(MADV_REMOVE)), writes what each gave to
+///   PATH.result, and aborts.
+///
+/// And `poison:VALUE`: every worker aborts as it is about to apply a change to VALUE (a
+/// change that kills whoever applies it).
 ///
 /// Never set it in production.
 struct TestFault {
     marker: Option<std::ffi::CString>,
-    spin: bool,
+    kind: FaultKind,
+    /// The audio ring's file (for `truncate`).
+    ring_path: Option<std::path::PathBuf>,
+    /// `poison:VALUE`.
+    poison: Option<f64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FaultKind {
+    Garbage,
+    Spin,
+    Scribble,
+    Truncate,
 }
 
 impl TestFault {
     fn from_env() -> TestFault {
         let v = std::env::var("AUDIOWARDEN_TEST_FAULT").unwrap_or_default();
-        let (spin, path) = match (v.strip_prefix("garbage:"), v.strip_prefix("spin:")) {
-            (Some(p), _) => (false, Some(p)),
-            (_, Some(p)) => (true, Some(p)),
-            _ => (false, None),
+        let (kind, path) = v.split_once(':').unwrap_or(("", ""));
+        let kind = match kind {
+            "garbage" => Some(FaultKind::Garbage),
+            "spin" => Some(FaultKind::Spin),
+            "scribble" => Some(FaultKind::Scribble),
+            "truncate" => Some(FaultKind::Truncate),
+            _ => None,
         };
-        let marker = path.and_then(|p| std::ffi::CString::new(p).ok());
-        TestFault { marker, spin }
+        let marker = kind.and_then(|_| std::ffi::CString::new(path).ok());
+        let poison = v.strip_prefix("poison:").and_then(|x| x.parse().ok());
+        TestFault { marker, kind: kind.unwrap_or(FaultKind::Garbage), ring_path: None, poison }
     }
 
-    /// Called after each rendered block; true if this worker must now die with garbage.
-    fn fires(&mut self, rendered: u64) -> bool {
+    /// Before block `next_block` renders (`rendered` blocks so far): strikes if it is time,
+    /// and aborts (poison) if the block would apply the poisoned value.
+    fn before_block(&mut self, ring: &AudioRing, engine: &Engine, next_block: u64, rendered: u64) {
+        if self.marker.is_some() {
+            if let Some(marker) = self.fires(rendered) {
+                self.strike(ring, engine, next_block, &marker);
+            }
+        }
+        if let Some(v) = self.poison {
+            let end = engine.state().frame + ring.geometry().block_frames as u64;
+            if engine.due_before(end).any(|m| m.value == v) {
+                std::process::abort();
+            }
+        }
+    }
+
+    /// Called after each rendered block; the marker path if this worker must misbehave now.
+    fn fires(&mut self, rendered: u64) -> Option<std::ffi::CString> {
         if rendered < 50 {
-            return false;
+            return None;
         }
-        let Some(path) = self.marker.take() else { return false };
-        // SAFETY: open(2) with a valid NUL-terminated path; the fd is closed right away.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC, 0o600) };
-        if fd < 0 {
-            return false;
+        let path = self.marker.take()?;
+        let os: &std::ffi::OsStr = std::os::unix::ffi::OsStrExt::from_bytes(path.as_bytes());
+        std::fs::OpenOptions::new().write(true).create_new(true).open(os).ok()?;
+        Some(path)
+    }
+
+    /// Misbehaves as configured, at block `next_block` (not yet rendered). `marker`: the
+    /// marker path (already taken by `fires`).
+    fn strike(&self, ring: &AudioRing, engine: &Engine, next_block: u64, marker: &std::ffi::CStr) {
+        match self.kind {
+            FaultKind::Spin => loop {
+                std::hint::spin_loop();
+            },
+            FaultKind::Garbage => {
+                ring.produce(next_block, |samples| {
+                    samples.fill(f32::NAN);
+                    let mut garbage = *engine.state();
+                    garbage.frame += samples.len() as u64 / 2;
+                    garbage.phase = 7.5; // out of range, and the checksum no longer matches
+                    garbage
+                });
+                std::process::abort();
+            }
+            FaultKind::Scribble => ring.test_scribble_samples(next_block.saturating_sub(1)),
+            FaultKind::Truncate => {
+                let results = match &self.ring_path {
+                    Some(p) => sys::test_shrink_attempts(p, ring.test_mapping()),
+                    None => Vec::new(),
+                };
+                let text: String = results
+                    .iter()
+                    .map(|(what, r)| {
+                        format!("{what}: {}\n", r.as_ref().map_or_else(|e| e.to_string(), |_| "done".into()))
+                    })
+                    .collect();
+                // Not fs::write: that opens with O_TRUNC, which the sandbox refuses.
+                let result_path = format!("{}.result", marker.to_string_lossy());
+                if let Ok(mut f) = std::fs::OpenOptions::new().write(true).create_new(true).open(result_path) {
+                    let _ = std::io::Write::write_all(&mut f, text.as_bytes());
+                }
+                std::process::abort();
+            }
         }
-        // SAFETY: closing the fd just opened.
-        unsafe { libc::close(fd) };
-        true
+    }
+}
+
+/// The process names a worker takes, made before the render loop: `aw3.12` (slot 3, the
+/// segments' generation 12) until it is told its role, then `aw3.12 primary`, `aw3.12 spare`
+/// or `aw3.12 reserve` (the kernel keeps 15 bytes: a long generation shortens the role).
+struct Names([Vec<u8>; 4]);
+
+impl Names {
+    fn new(slot: u32, id: u64) -> Names {
+        let base = format!("aw{slot}.{id}");
+        Names([ROLE_NONE, ROLE_PRIMARY, ROLE_SPARE, ROLE_RESERVE].map(|r| {
+            let role = match r {
+                ROLE_PRIMARY => " primary",
+                ROLE_SPARE => " spare",
+                ROLE_RESERVE => " reserve",
+                _ => "",
+            };
+            format!("{base}{role}").into_bytes()
+        }))
+    }
+
+    /// The name for role `r` (an unknown value: the bare name).
+    fn of(&self, r: u32) -> &[u8] {
+        self.0.get(r as usize).unwrap_or(&self.0[0])
     }
 }
 
 /// The render loop (audio thread: see module docs). Runs until the process is killed.
-fn render_loop(ring: &AudioRing, ctl: &ControlRing, wake: &EventFd, event: &EventFd, engine: &mut Engine, mut fault: TestFault) -> ! {
+fn render_loop(
+    ring: &AudioRing,
+    ctl: &ControlRing,
+    wake: &EventFd,
+    event: &EventFd,
+    engine: &mut Engine,
+    mut fault: TestFault,
+    names: &Names,
+) -> ! {
     let mut rendered = 0u64;
     let mut seen_command = 0u64;
     let mut running = false;
     let mut next_block = 0u64;
     let mut announce_first = false;
     let mut announce_full = false;
+    let mut role = ROLE_NONE;
     loop {
+        if ring.role() != role {
+            // Only when the supervisor changes it: one prctl, no allocation.
+            role = ring.role();
+            sys::set_thread_name(names.of(role));
+        }
         let command = ring.command();
         if command != seen_command {
             seen_command = command;
@@ -221,32 +350,11 @@ fn render_loop(ring: &AudioRing, ctl: &ControlRing, wake: &EventFd, event: &Even
         if running {
             loop {
                 // Messages first: one due inside this block must be queued before it renders.
-                while engine.can_accept() {
-                    match ctl.pop() {
-                        Some(m) => {
-                            engine.enqueue(m);
-                        }
-                        None => break,
-                    }
-                }
+                drain_control(ctl, engine);
                 if ring.space() == 0 {
                     break;
                 }
-                if fault.marker.is_some() && fault.fires(rendered) {
-                    if fault.spin {
-                        loop {
-                            std::hint::spin_loop();
-                        }
-                    }
-                    ring.produce(next_block, |samples| {
-                        samples.fill(f32::NAN);
-                        let mut garbage = *engine.state();
-                        garbage.frame += samples.len() as u64 / 2;
-                        garbage.phase = 7.5; // out of range, and the checksum no longer matches
-                        garbage
-                    });
-                    std::process::abort();
-                }
+                fault.before_block(ring, engine, next_block, rendered);
                 ring.produce(next_block, |samples| {
                     engine.render(samples);
                     *engine.state()
@@ -268,16 +376,42 @@ fn render_loop(ring: &AudioRing, ctl: &ControlRing, wake: &EventFd, event: &Even
     }
 }
 
+/// Queues the control messages waiting in `ctl`, as many as the engine can hold.
+fn drain_control(ctl: &ControlRing, engine: &mut Engine) {
+    while engine.can_accept() {
+        match ctl.pop() {
+            Some(m) => {
+                engine.enqueue(m);
+            }
+            None => break,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn parses_and_rejects() {
-        let a = WorkerArgs::parse("ring=3,ctl=4,wake=5,event=6,prio=70,ppid=9").unwrap();
-        assert_eq!(a, WorkerArgs { ring: 3, ctl: 4, wake: 5, event: 6, priority: 70, ppid: 9 });
+        let a = WorkerArgs::parse("ring=3,ctl=4,wake=5,event=6,prio=70,ppid=9,slot=2,id=12").unwrap();
+        assert_eq!(a, WorkerArgs { ring: 3, ctl: 4, wake: 5, event: 6, priority: 70, ppid: 9, slot: 2, id: 12 });
         assert!(WorkerArgs::parse("ring=3,ctl=4").unwrap_err().contains("wake"));
-        assert!(WorkerArgs::parse("ring=1,ctl=4,wake=5,event=6,prio=70,ppid=9").unwrap_err().contains("ring"));
+        assert!(WorkerArgs::parse("ring=3,ctl=4,wake=5,event=6,prio=70,ppid=9").unwrap_err().contains("slot"));
+        let bad_fd = "ring=1,ctl=4,wake=5,event=6,prio=70,ppid=9,slot=2,id=12";
+        assert!(WorkerArgs::parse(bad_fd).unwrap_err().contains("ring"));
         assert!(WorkerArgs::parse("ring=x").is_err());
+    }
+
+    #[test]
+    fn process_names_fit_and_keep_the_generation() {
+        let n = Names::new(3, 12);
+        assert_eq!(n.of(ROLE_NONE), b"aw3.12");
+        assert_eq!(n.of(ROLE_PRIMARY), b"aw3.12 primary");
+        assert_eq!(n.of(ROLE_SPARE), b"aw3.12 spare");
+        assert_eq!(n.of(ROLE_RESERVE), b"aw3.12 reserve");
+        assert_eq!(n.of(77), b"aw3.12", "a garbage role is the bare name");
+        // The kernel keeps 15 bytes: the generation always survives, the role is cut.
+        assert!(Names::new(4, 123_456).of(ROLE_PRIMARY)[..15].starts_with(b"aw4.123456 "));
     }
 }

@@ -35,9 +35,19 @@ impl PrivateBus {
         // Other users (setpriv tests) must reach the socket.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let sock = dir.path().join("system_bus_socket");
-        let system = std::fs::read_to_string("/usr/share/dbus-1/system.conf").expect("dbus-daemon installed (/usr/share/dbus-1/system.conf)");
-        let drop = ["<user>", "<fork/>", "<pidfile>", "<syslog/>", "<servicehelper>", "<standard_system_servicedirs/>", "<listen>"];
-        let mut conf: String = system.lines().filter(|l| !drop.iter().any(|d| l.contains(d))).map(|l| format!("{l}\n")).collect();
+        let system = std::fs::read_to_string("/usr/share/dbus-1/system.conf")
+            .expect("dbus-daemon installed (/usr/share/dbus-1/system.conf)");
+        let drop = [
+            "<user>",
+            "<fork/>",
+            "<pidfile>",
+            "<syslog/>",
+            "<servicehelper>",
+            "<standard_system_servicedirs/>",
+            "<listen>",
+        ];
+        let mut conf: String =
+            system.lines().filter(|l| !drop.iter().any(|d| l.contains(d))).map(|l| format!("{l}\n")).collect();
         let tail = format!(
             "  <listen>unix:path={}</listen>\n  <includedir>{}</includedir>\n</busconfig>",
             sock.display(),
@@ -72,7 +82,10 @@ impl PrivateBus {
     }
 
     pub fn connection(&self) -> zbus::blocking::Connection {
-        zbus::blocking::connection::Builder::address(self.address.as_str()).expect("address").build().expect("connect to the private bus")
+        zbus::blocking::connection::Builder::address(self.address.as_str())
+            .expect("address")
+            .build()
+            .expect("connect to the private bus")
     }
 }
 
@@ -96,6 +109,20 @@ impl Drop for PrivateBus {
     }
 }
 
+/// How [`Daemon::launch`] starts the daemon.
+#[derive(Default)]
+pub struct Launch<'a> {
+    pub args: &'a [&'a str],
+    pub env: &'a [(String, String)],
+    /// A command (and its arguments) that execs the daemon with its arguments appended (as
+    /// `"$@"`): a cgroup move, a private mount namespace.
+    pub prefix: Vec<std::ffi::OsString>,
+    /// `--shm-dir` (default: the Daemon's own ShmDir).
+    pub shm_dir: Option<PathBuf>,
+    /// Return at once instead of waiting until it is `running`.
+    pub no_wait: bool,
+}
+
 /// `audiowardend` (the real binary) on a private bus with a private shm dir. SIGTERM on drop.
 pub struct Daemon {
     pub child: Child,
@@ -117,24 +144,51 @@ impl Daemon {
 
     /// [`Daemon::start_with_env`], the daemon (and so its workers) in the cgroup directory
     /// `cgroup` (e.g. a cpu cgroup without an RT budget) from its first instruction on.
-    pub fn start_in(bus: &PrivateBus, tag: &str, args: &[&str], env: &[(String, String)], cgroup: Option<&Path>) -> Daemon {
+    pub fn start_in(
+        bus: &PrivateBus,
+        tag: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        cgroup: Option<&Path>,
+    ) -> Daemon {
+        let mut launch = Launch { args, env, ..Launch::default() };
+        let cg = cgroup.map(|c| c.as_os_str().to_owned());
+        if let Some(cg) = &cg {
+            launch.prefix =
+                vec!["sh".into(), "-c".into(), "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"".into(), cg.clone()];
+        }
+        Daemon::launch(bus, tag, launch)
+    }
+
+    /// Starts it as `launch` says.
+    pub fn launch(bus: &PrivateBus, tag: &str, launch: Launch<'_>) -> Daemon {
         let shm = ShmDir::new(tag);
-        let output: &[&str] = if args.contains(&"--output") { &[] } else { &["--output", "virtual"] };
+        let output: &[&str] = if launch.args.contains(&"--output") { &[] } else { &["--output", "virtual"] };
         let log = bus.dir.path().join(format!("audiowardend-{tag}.log"));
-        let mut cmd = match cgroup {
-            None => bus.command(env!("CARGO_BIN_EXE_audiowardend")),
-            Some(cg) => {
-                let mut c = bus.command("sh");
-                c.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""]).arg(cg).arg(env!("CARGO_BIN_EXE_audiowardend"));
+        // AW_BENCH_DAEMON_BIN: another build, for a benchmark's before/after in one run.
+        let exe = std::env::var_os("AW_BENCH_DAEMON_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_audiowardend").into());
+        let mut cmd = match launch.prefix.split_first() {
+            None => bus.command(&exe),
+            Some((program, rest)) => {
+                let mut c = bus.command(program);
+                c.args(rest).arg(&exe);
                 c
             }
         };
+        let shm_dir = launch.shm_dir.clone().unwrap_or_else(|| shm.0.clone());
+        // Its own OSC socket (never the shared default path, which parallel daemons would contend for).
+        let osc: Vec<std::ffi::OsString> = if launch.args.contains(&"--osc-socket") {
+            Vec::new()
+        } else {
+            vec!["--osc-socket".into(), bus.dir.path().join(format!("osc-{tag}.sock")).into()]
+        };
         let child = cmd
             .arg("--shm-dir")
-            .arg(&shm.0)
+            .arg(&shm_dir)
             .args(output)
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .args(&osc)
+            .args(launch.args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .env("AUDIOWARDEN_LOG", "stderr")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -142,11 +196,21 @@ impl Daemon {
             .spawn()
             .expect("spawn audiowardend");
         let mut d = Daemon { child, shm, log };
+        if launch.no_wait {
+            return d;
+        }
+        d.wait_running(bus, Duration::from_secs(10));
+        d
+    }
+
+    /// Waits until it owns the name and reports `running` (panics after `timeout`, or if it
+    /// exits).
+    pub fn wait_running(&mut self, bus: &PrivateBus, timeout: Duration) {
         let conn = bus.connection();
         let t0 = Instant::now();
         loop {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("audiowardend exited ({st}) before owning its name:\n{}", d.log_text());
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("audiowardend exited ({st}) before owning its name:\n{}", self.log_text());
             }
             let state = Engine1ProxyBlocking::builder(&conn)
                 .cache_properties(zbus::proxy::CacheProperties::No)
@@ -155,10 +219,18 @@ impl Daemon {
             if state.as_deref() == Ok("running") {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(10), "audiowardend not running on the bus after 10 s ({state:?}):\n{}", d.log_text());
+            assert!(
+                t0.elapsed() < timeout,
+                "audiowardend not running on the bus after {timeout:?} ({state:?}):\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        d
+    }
+
+    /// The daemon is still running (it did not exit or die).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn pid(&self) -> u32 {

@@ -30,6 +30,7 @@ pub struct JackServer {
     pub name: String,
     pub jackd_pid: u32,
     stopped: bool,
+    realtime: bool,
 }
 
 impl JackServer {
@@ -42,8 +43,14 @@ impl JackServer {
     /// Like [`JackServer::start`] with another JACK period (frames). ALSA periods are then
     /// whole multiples of it.
     pub fn start_with_period(period_frames: u32) -> JackServer {
+        JackServer::start_with(period_frames, true)
+    }
+
+    /// Like [`JackServer::start_with_period`]; `realtime: false` runs `jackd -r` (no
+    /// SCHED_FIFO for the driver or the clients' JACK threads).
+    pub fn start_with(period_frames: u32, realtime: bool) -> JackServer {
         let dir = tempfile::Builder::new().prefix("aw-test-jack-").tempdir().expect("tempdir");
-        let mut server = JackServer { dir, name: String::new(), jackd_pid: 0, stopped: true };
+        let mut server = JackServer { dir, name: String::new(), jackd_pid: 0, stopped: true, realtime };
         server.launch(period_frames);
         server
     }
@@ -63,6 +70,7 @@ impl JackServer {
             .arg(dir.path())
             .env("AW_JACK_OWNER_PID", std::process::id().to_string())
             .env("AW_JACK_PERIOD", period_frames.to_string())
+            .env("AW_JACK_REALTIME", if self.realtime { "1" } else { "0" })
             .stdin(Stdio::null())
             .output()
             .expect("run tests/support/with-jackd.sh");
@@ -77,17 +85,15 @@ impl JackServer {
         let pid = std::fs::read_to_string(dir.path().join("jackd.pid")).expect("jackd.pid");
         self.jackd_pid = pid.trim().parse().expect("jackd.pid");
         self.stopped = false;
-        self.name = self.env().into_iter().find(|(k, _)| k == "JACK_DEFAULT_SERVER").expect("JACK_DEFAULT_SERVER in env").1;
+        self.name =
+            self.env().into_iter().find(|(k, _)| k == "JACK_DEFAULT_SERVER").expect("JACK_DEFAULT_SERVER in env").1;
     }
 
     /// The variables a client process needs (XDG_CONFIG_HOME pointing at the alsa-lib config,
     /// JACK_DEFAULT_SERVER, JACK_NO_START_SERVER), from DIR/env.
     pub fn env(&self) -> Vec<(String, String)> {
         let text = std::fs::read_to_string(self.dir.path().join("env")).expect("jack env file");
-        text.lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     /// Where `awcapture` records the first opening's audio (raw, the client's format).

@@ -3,15 +3,19 @@
 #![allow(dead_code)]
 
 pub mod bus;
+pub mod cgroup;
 pub mod jack;
+pub mod stall;
+pub mod storm;
 pub mod systemd;
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use audiowarden::engine::{render_reference, ControlMsg, CHANNELS};
 use audiowarden::output::wav::read_f32_wav;
-use audiowarden::{Config, MetricsSnapshot, OutputSpec, StandbyMode, Supervisor};
+use audiowarden::{Config, Event, MetricsSnapshot, OutputSpec, StandbyMode, Supervisor};
 
 /// The supervisor's log (worker deaths, hangs, failovers) into the test's captured output,
 /// which the harness prints when the test fails.
@@ -58,6 +62,13 @@ impl Drop for ShmDir {
 
 pub fn config(shm: &ShmDir, output: OutputSpec, standby: StandbyMode, freq: f64, gain: f64) -> Config {
     capture_logs();
+    config_quiet(shm, output, standby, freq, gain)
+}
+
+/// [`config`] without capturing the supervisor's log into the test's output (which the test
+/// harness keeps in memory: a test that measures this process's resident size, or logs
+/// thousands of events, must not).
+pub fn config_quiet(shm: &ShmDir, output: OutputSpec, standby: StandbyMode, freq: f64, gain: f64) -> Config {
     Config {
         shm_dir: shm.0.clone(),
         output,
@@ -89,13 +100,107 @@ pub fn signal(pid: u32, sig: i32) {
     assert_eq!(r, 0, "kill({pid}, {sig}) failed: {}", std::io::Error::last_os_error());
 }
 
-/// Waits until `n` replacements are done and a spare is ready again.
-pub fn wait_rebuilt(sup: &Supervisor, n: u64) -> MetricsSnapshot {
-    let mut m = sup.metrics();
-    wait_until(&format!("replacement {n} and a ready spare"), Duration::from_secs(5), || {
-        m = sup.metrics();
-        m.crash_count >= n && m.replacements >= n && m.spare_ready
-    });
+/// A supervisor's events, and waits that each match the event of their own cause (this
+/// kill, this pid): an event that another cause produced (an earlier kill's late rebuild, a
+/// worker that died on its own) never satisfies a wait. Events that arrive while a wait
+/// looks for another are kept, so a later wait still finds them whatever the order.
+pub struct Watch {
+    rx: Receiver<Event>,
+    seen: Vec<Event>,
+}
+
+impl Watch {
+    /// Every event from now on (subscribe before the action whose events you wait for).
+    pub fn new(sup: &Supervisor) -> Watch {
+        Watch { rx: sup.subscribe(), seen: Vec::new() }
+    }
+
+    /// Starts a supervisor watched from its first spawn on (for a fault that may strike
+    /// while `start` still runs).
+    pub fn start(cfg: Config) -> (Supervisor, Watch) {
+        let (sup, rx) = Supervisor::start_subscribed(cfg).expect("start");
+        (sup, Watch { rx, seen: Vec::new() })
+    }
+
+    /// Waits up to `timeout` for the first event (kept or new) that `f` accepts.
+    pub fn wait<T>(&mut self, what: &str, timeout: Duration, mut f: impl FnMut(&Event) -> Option<T>) -> T {
+        if let Some((i, v)) = self.seen.iter().enumerate().find_map(|(i, e)| f(e).map(|v| (i, v))) {
+            self.seen.remove(i);
+            return v;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(e) => match f(&e) {
+                    Some(v) => return v,
+                    None => self.seen.push(e),
+                },
+                Err(_) => {
+                    panic!("timed out after {timeout:?} waiting for {what}; other events meanwhile: {:?}", self.seen)
+                }
+            }
+        }
+    }
+
+    /// The death of worker `pid` (a kill, or a hang it was killed for): its detection time.
+    pub fn died(&mut self, pid: u32) -> u64 {
+        self.wait(&format!("the death of worker {pid}"), Duration::from_secs(5), |e| match *e {
+            Event::WorkerDied { pid: p, detected_ns, .. } if p == pid => Some(detected_ns),
+            _ => None,
+        })
+    }
+
+    /// The next death of any worker (for a fault whose victim is not known in advance).
+    pub fn any_death(&mut self) -> u32 {
+        self.wait("a worker death", Duration::from_secs(5), |e| match *e {
+            Event::WorkerDied { pid, .. } => Some(pid),
+            _ => None,
+        })
+    }
+
+    /// The replacement of dead worker `dead`, ready for its role: (new pid, its role).
+    pub fn replaced(&mut self, dead: u32) -> (u32, &'static str) {
+        self.wait(&format!("the replacement of worker {dead}"), Duration::from_secs(5), |e| match *e {
+            Event::Replaced { pid, role, replaces_pid, .. } if replaces_pid == dead => Some((pid, role)),
+            _ => None,
+        })
+    }
+
+    /// The takeover from dead primary `old`: the new primary's pid.
+    pub fn failover(&mut self, old: u32) -> u32 {
+        self.wait(&format!("the failover from worker {old}"), Duration::from_secs(5), |e| match *e {
+            Event::Failover { old_pid, new_pid, .. } if old_pid == old => Some(new_pid),
+            _ => None,
+        })
+    }
+
+    /// A new reserve ready after the death of `dead` (the pool is whole again): its pid.
+    pub fn reserve_after(&mut self, dead: u32) -> u32 {
+        self.wait(&format!("a new reserve after worker {dead}"), Duration::from_secs(5), |e| match *e {
+            Event::ReserveReady { pid, after_death_of, .. } if after_death_of == Some(dead) => Some(pid),
+            _ => None,
+        })
+    }
+}
+
+/// Kills primary `victim` and waits for exactly this kill's consequences: its death, the
+/// takeover from it, and the replacement of it ready (a new spare, or with no standby the
+/// cold-started primary). Returns the metrics then.
+pub fn kill_primary_and_wait_rebuilt(sup: &Supervisor, watch: &mut Watch, victim: u32) -> MetricsSnapshot {
+    signal(victim, libc::SIGKILL);
+    wait_rebuilt_after(sup, watch, victim)
+}
+
+/// Waits for the death of primary `victim` (already signalled), the takeover from it and its
+/// replacement ready. Returns the metrics then.
+pub fn wait_rebuilt_after(sup: &Supervisor, watch: &mut Watch, victim: u32) -> MetricsSnapshot {
+    watch.died(victim);
+    let new = watch.failover(victim);
+    watch.replaced(victim);
+    let m = sup.metrics();
+    assert_ne!(m.primary_pid, victim, "worker {victim} is still the primary after its replacement: {m:?}");
+    assert_ne!(new, victim);
     m
 }
 
@@ -132,7 +237,8 @@ pub fn assert_matches_reference(wav: &Path, cfg: &Config, msgs: &[ControlMsg], s
     let mut skipped = 0;
     if skip_silence {
         let blocks: Vec<&[f32]> = captured.chunks(spb).collect();
-        let kept: Vec<f32> = blocks.iter().filter(|b| b.iter().any(|&s| s != 0.0)).flat_map(|b| b.iter().copied()).collect();
+        let kept: Vec<f32> =
+            blocks.iter().filter(|b| b.iter().any(|&s| s != 0.0)).flat_map(|b| b.iter().copied()).collect();
         skipped = (captured.len() - kept.len()) / spb;
         captured = kept;
     }
@@ -169,6 +275,34 @@ pub fn temp_wav(name: &str) -> TempWav {
     TempWav { path: dir.join(format!("{name}.wav")), dir }
 }
 
+/// What this process's fds point to, sorted, without the ones housekeeping opens for a moment
+/// (/proc files, the shm dir's listing, the manifest being read or written): the leak check's
+/// view of the supervisor's fds (pidfds, eventfds, epoll, segments, sockets, ...).
+pub fn stable_fds(shm_dir: &Path) -> Vec<String> {
+    let manifest = shm_dir.join("manifest.json").to_string_lossy().into_owned();
+    let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| !t.starts_with("/proc") && t != shm_dir)
+        .map(|t| t.to_string_lossy().into_owned())
+        .filter(|t| !t.starts_with(&manifest))
+        .collect();
+    v.sort();
+    v
+}
+
+/// After a clean stop the shm dir is still there (never removed: nobody can squat it), empty
+/// and 0700.
+pub fn assert_shm_dir_emptied(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let left: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("the shm dir {} is gone ({e}): it must stay", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "left behind in {}: {left:?}", dir.display());
+    assert_eq!(std::fs::metadata(dir).unwrap().permissions().mode() & 0o7777, 0o700);
+}
+
 /// Waits up to `timeout` for a child to exit; None if it is still running.
 pub fn wait_child(child: &mut std::process::Child, timeout: Duration) -> Option<std::process::ExitStatus> {
     let t0 = Instant::now();
@@ -186,7 +320,10 @@ pub fn wait_child(child: &mut std::process::Child, timeout: Duration) -> Option<
 /// `bash tests/support/SCRIPT SUBCOMMAND DIR`, stdin closed (the harness scripts' interface).
 pub fn support_script(script: &str, subcommand: &str, dir: &Path) -> std::process::Command {
     let mut c = std::process::Command::new("bash");
-    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support").join(script)).arg(subcommand).arg(dir).stdin(std::process::Stdio::null());
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support").join(script))
+        .arg(subcommand)
+        .arg(dir)
+        .stdin(std::process::Stdio::null());
     c
 }
 

@@ -12,6 +12,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+/// The shipped unit's name.
+pub const UNIT: &str = "audiowarden.service";
 
 /// The script behind the harness.
 pub fn harness_script() -> PathBuf {
@@ -219,4 +223,52 @@ impl Drop for SystemdHarness {
             eprintln!("WARNING: {e}");
         }
     }
+}
+
+/// Links the shipped unit and adds a drop-in for the test: the built binary, a private shm
+/// dir, and no User=/Group= (a user manager cannot switch users). Everything else, hardening
+/// included, is the shipped unit.
+pub fn install(h: &SystemdHarness, shm: &str, extra_args: &str, extra_service: &str) {
+    // The unit's sandbox hides /tmp (PrivateTmp) and /root, /home (ProtectHome), where a clone
+    // may live: run a copy from the namespace's /run, which the unit sees.
+    let bin = "/run/aw-bin/audiowardend";
+    let out = h.run(&["install", "-D", "-m", "0755", env!("CARGO_BIN_EXE_audiowardend"), bin]);
+    assert!(out.status.success(), "copy the daemon: {}", String::from_utf8_lossy(&out.stderr));
+    let ctl = "/run/aw-bin/audiowardenctl";
+    let out = h.run(&["install", "-D", "-m", "0755", env!("CARGO_BIN_EXE_audiowardenctl"), ctl]);
+    assert!(out.status.success(), "copy the client: {}", String::from_utf8_lossy(&out.stderr));
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/audiowarden.service");
+    let out = h.systemctl(&["link", unit]);
+    assert!(out.status.success(), "link: {}", String::from_utf8_lossy(&out.stderr));
+    // The shipped tmpfiles.d entry, for this test's shm dir and user (root): the unit's
+    // ExecStartPre applies it before every start, as it does the installed one.
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/audiowarden.tmpfiles")).unwrap();
+    let entry = shipped.lines().find(|l| l.starts_with("d ")).expect("the shipped tmpfiles entry");
+    let entry = entry.replace("/dev/shm/audiowarden", shm).replace("audiowarden audiowarden", "root root");
+    let tmpfiles = "/run/aw-bin/audiowarden-tmpfiles.conf";
+    let out = h.run(&["sh", "-c", &format!("printf '%s\\n' '{entry}' > {tmpfiles}")]);
+    assert!(out.status.success(), "write {tmpfiles}: {}", String::from_utf8_lossy(&out.stderr));
+    // The virtual output unless the test names one.
+    let output = if extra_args.contains("--output") { "" } else { "--output virtual" };
+    h.drop_in(
+        UNIT,
+        "test",
+        &format!(
+            "[Unit]\nStartLimitIntervalSec=0\n[Service]\nExecStartPre=\nExecStartPre=+/usr/bin/systemd-tmpfiles --create {tmpfiles}\nExecStart=\nExecStart={bin} --shm-dir {shm} {output} {extra_args}\nExecReload=\nExecReload={ctl} reload\nUser=\nGroup=\nSupplementaryGroups=\nAmbientCapabilities=\nWatchdogSec=1s\nTimeoutStopSec=3s\n{extra_service}\n"
+        ),
+    );
+}
+
+pub fn start(h: &SystemdHarness) {
+    let t0 = Instant::now();
+    let out = h.systemctl(&["start", UNIT]);
+    assert!(
+        out.status.success(),
+        "systemctl start: {}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&h.systemctl(&["status", "--no-pager", UNIT]).stdout),
+        h.journal(&["-n", "50", "--no-pager"])
+    );
+    eprintln!("systemctl start returned after {:?}", t0.elapsed());
 }

@@ -14,6 +14,8 @@
 #                      $PPID); "none" to keep the server until `stop` (interactive use)
 #   AW_JACK_PERIOD     JACK period in frames (default 64, see below)
 #   AW_JACK_RATE       sample rate (default 48000)
+#   AW_JACK_REALTIME   0: jackd -r (no real-time threads, for the CPU benchmark's no-RT rows);
+#                      default 1: -R -P 70
 #   AW_JACK_SLOT_WAIT  seconds to wait for a free server slot when 8 JACK servers already run
 #                      on the machine (jackd2's limit; default 120)
 #
@@ -174,6 +176,17 @@ pcm.awjack {
     slave.pcm "awjack_raw"
     hint { show on  description "Paced test output: plug to JACK server $name" }
 }
+# For the README's waveform figure (benches/waveform.rs): what a JACK recorder (jack_rec,
+# client "jackrec") hears, across restarts of the player.
+pcm.awrec_raw {
+    type jack
+    playback_ports { 0 jackrec:input1  1 jackrec:input2 }
+}
+pcm.awrec {
+    type plug
+    slave.pcm "awrec_raw"
+    hint { show on  description "Paced test output into jack_rec on test server $name" }
+}
 pcm.awcapture {
     type file
     slave.pcm "awjack"
@@ -233,8 +246,10 @@ run_part() {
     # JACK_NO_AUDIO_RESERVATION: no D-Bus device reservation (there is no session bus).
     # -R -P 70: SCHED_FIFO 70 for the driver thread; clients' JACK threads (in the ALSA
     # plugin) get SCHED_FIFO 65.
+    local rt=(-R -P 70)
+    [ "${AW_JACK_REALTIME:-1}" != 0 ] || rt=(-r)
     JACK_NO_AUDIO_RESERVATION=1 JACK_NO_START_SERVER=1 \
-        jackd -n "$name" -R -P 70 -d dummy -r "$rate" -p "$period" >>"$dir/jackd.log" 2>&1 &
+        jackd -n "$name" "${rt[@]}" -d dummy -r "$rate" -p "$period" >>"$dir/jackd.log" 2>&1 &
     jpid=$!
     echo "$jpid" > "$dir/jackd.pid.tmp" && mv "$dir/jackd.pid.tmp" "$dir/jackd.pid"
     while alive "$jpid" && [ -d "$dir" ]; do

@@ -1,0 +1,112 @@
+//! The module layering of `src/`, checked: no import circle, and every `crate::` reference
+//! goes down the layers (or sideways within one), so that the process diagram reads top to
+//! bottom. Layers, top to bottom:
+//!
+//! ```text
+//! ctl, dbus, osc, notify, reload, logging  the edges: the daemon's main loop, the client, the bus
+//! supervisor                            the monitor, the events, housekeeping, start and stop
+//! config_file                           the configuration file
+//! control, output, worker               stamping changes; playing; rendering (another process)
+//! playback                              what the output thread may touch (lock-free)
+//! config, metrics, shm, engine          settings, metric declarations, shared memory, the DSP
+//! sys                                   every raw syscall
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+const LAYERS: &[&[&str]] = &[
+    &["ctl", "dbus", "osc", "notify", "reload", "logging"],
+    &["supervisor"],
+    &["config_file"],
+    &["control", "output", "worker"],
+    &["playback"],
+    &["config", "metrics", "shm", "engine"],
+    &["sys"],
+];
+
+fn layer(module: &str) -> usize {
+    LAYERS
+        .iter()
+        .position(|l| l.contains(&module))
+        .unwrap_or_else(|| panic!("module {module} is in no layer of tests/layering.rs"))
+}
+
+/// Top-level module -> the top-level modules its files name through `crate::`.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let rel = p.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+            if !rel.ends_with(".rs") || rel == "main.rs" || rel == "lib.rs" || rel.starts_with("bin/") {
+                continue;
+            }
+            let module = rel.split('/').next().unwrap().trim_end_matches(".rs").to_owned();
+            let text = std::fs::read_to_string(&p).unwrap();
+            let deps = g.entry(module.clone()).or_default();
+            for line in text.lines() {
+                let code = line.split("//").next().unwrap_or("");
+                for (i, _) in code.match_indices("crate::") {
+                    let rest = &code[i + "crate::".len()..];
+                    let names: Vec<&str> = match rest.strip_prefix('{') {
+                        Some(group) => group
+                            .split('}')
+                            .next()
+                            .unwrap_or("")
+                            .split(',')
+                            .map(|n| n.trim().split("::").next().unwrap_or(""))
+                            .collect(),
+                        None => vec![rest.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or("")],
+                    };
+                    for n in names {
+                        // Modules are lower case; `crate::Config` and friends are re-exports.
+                        if n.starts_with(|c: char| c.is_ascii_lowercase()) && n != module {
+                            deps.insert(n.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    g
+}
+
+#[test]
+fn modules_depend_only_downwards_and_never_in_a_circle() {
+    let g = graph();
+    for (m, deps) in &g {
+        for d in deps {
+            assert!(layer(d) >= layer(m), "{m} (layer {}) uses {d} (layer {}), a layer above it", layer(m), layer(d));
+        }
+    }
+    // Within a layer too: no circle (depth-first search for a back edge).
+    fn visit(g: &BTreeMap<String, BTreeSet<String>>, m: &str, path: &mut Vec<String>, done: &mut BTreeSet<String>) {
+        if done.contains(m) {
+            return;
+        }
+        if let Some(i) = path.iter().position(|p| p == m) {
+            panic!("import circle: {} -> {m}", path[i..].join(" -> "));
+        }
+        path.push(m.to_owned());
+        for d in g.get(m).into_iter().flatten() {
+            visit(g, d, path, done);
+        }
+        path.pop();
+        done.insert(m.to_owned());
+    }
+    let mut done = BTreeSet::new();
+    for m in g.keys() {
+        visit(&g, m, &mut Vec::new(), &mut done);
+    }
+    // The output stage and the worker see none of the supervisor.
+    for m in ["output", "worker", "control", "playback"] {
+        assert!(!g[m].contains("supervisor"), "{m} reaches into the supervisor");
+    }
+}
