@@ -114,7 +114,7 @@ fn main() {
     };
     let sup = Supervisor::start(cfg).expect("start supervisor");
     let h = sup.handle();
-    let service = audiowarden::dbus::service::Service::start(h.clone(), None).expect("D-Bus service");
+    let service = audiowarden::dbus::service::Service::start(h.clone(), None, None).expect("D-Bus service");
     let conn = bus.connection();
     let proxy = common::bus::proxy(&conn);
     common::wait_until("the service on the bus", Duration::from_secs(5), || {

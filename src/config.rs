@@ -181,6 +181,13 @@ pub struct Config {
     #[arg(long)]
     pub cpu_latency_qos_us: Option<u32>,
 
+    /// Serve the D-Bus API peer-to-peer on an AF_UNIX stream socket at this path too, created
+    /// group `audio`, mode 0660 (who may change the sound on the bus): `audiowardenctl` uses it
+    /// when no system bus runs or no bus knows the service (a development run, a machine
+    /// without the package's policy). `none`: no such socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/audiowarden/control.sock")]
+    pub control_socket: String,
+
     /// OSC over an AF_UNIX datagram socket at this path, created group `audio`, mode 0660: only
     /// root and the audio group may send (liblo reaches it as `osc.unix:///PATH`; the journal
     /// names the sender's uid). Under systemd, audiowarden-osc.socket hands it over instead.
@@ -345,6 +352,7 @@ impl Config {
             ("max-restarts", self.max_restarts.to_string()),
             ("restart-window-s", self.restart_window_s.to_string()),
             ("cpu-latency-qos-us", qos),
+            ("control-socket", self.control_socket.clone()),
             ("osc-socket", self.osc_socket.clone()),
             ("osc-listen", self.osc_listen.clone().unwrap_or_else(|| "unset".to_owned())),
             ("osc-allow-remote", self.osc_allow_remote.to_string()),

@@ -311,7 +311,7 @@ mod tests {
     #[test]
     fn every_setting_refuses_a_wrong_type_and_an_out_of_range_value_at_its_line() {
         // (key, wrong type, out of range or not one of the choices)
-        let cases: [(&str, &str, Option<&str>); 21] = [
+        let cases: [(&str, &str, Option<&str>); 22] = [
             ("output", "[1]", Some("\"speakers\"")),
             ("device-periods", "\"four\"", Some("1")),
             ("shm-dir", "true", None),
@@ -329,6 +329,7 @@ mod tests {
             ("max-restarts", "[100]", Some("0")),
             ("restart-window-s", "\"10s\"", Some("3601")),
             ("cpu-latency-qos-us", "\"none\"", Some("-5")),
+            ("control-socket", "5", None),
             ("osc-socket", "5", None),
             ("osc-listen", "9000", Some("\"0.0.0.0:9000\"")),
             ("osc-allow-remote", "\"yes\"", None),

@@ -5,6 +5,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -24,9 +26,18 @@ pub const EXIT_REJECTED: u8 = 4;
     about = "Control and inspect the audiowarden service over D-Bus (system bus)"
 )]
 pub struct Cli {
+    /// Talk to the daemon's peer-to-peer control socket at this path only (its
+    /// --control-socket), not the system bus. Without it, the system bus is asked first and
+    /// the default socket is the fallback where the bus cannot reach the service.
+    #[arg(long, global = true, value_name = "PATH", env = "AUDIOWARDEN_CONTROL_SOCKET")]
+    pub socket: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// Where the daemon serves its peer-to-peer control socket by default (`--control-socket`).
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/audiowarden/control.sock";
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -142,8 +153,48 @@ impl Failure {
     }
 }
 
-fn proxy() -> Result<Engine1ProxyBlocking<'static>, Failure> {
+/// The service: at `socket` if one is given; else on the system bus, or where no bus runs or
+/// none has the service (a development run, no package policy), on the default control socket.
+fn proxy(socket: Option<&Path>) -> Result<Engine1ProxyBlocking<'static>, Failure> {
+    if let Some(path) = socket {
+        return peer_proxy(path);
+    }
+    match bus_proxy() {
+        Err(Failure::Unreachable(why)) => {
+            let fallback = Path::new(DEFAULT_CONTROL_SOCKET);
+            if std::fs::symlink_metadata(fallback).is_err() {
+                return Err(Failure::Unreachable(format!("{why}; and no control socket at {DEFAULT_CONTROL_SOCKET}")));
+            }
+            peer_proxy(fallback).map_err(|e| match e {
+                Failure::Unreachable(e2) => Failure::Unreachable(format!("{why}; and {e2}")),
+                other => other,
+            })
+        }
+        other => other,
+    }
+}
+
+fn bus_proxy() -> Result<Engine1ProxyBlocking<'static>, Failure> {
     let conn = zbus::blocking::Connection::system().map_err(Failure::from_zbus)?;
+    let driver = zbus::blocking::fdo::DBusProxy::new(&conn).map_err(Failure::from_zbus)?;
+    let name = zbus::names::BusName::try_from(BUS_NAME).map_err(|e| Failure::Unreachable(e.to_string()))?;
+    if !driver.name_has_owner(name).map_err(|e| Failure::from_zbus(e.into()))? {
+        return Err(Failure::Unreachable(format!("{BUS_NAME} is not on the system bus")));
+    }
+    Engine1ProxyBlocking::builder(&conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .map_err(Failure::from_zbus)
+}
+
+/// Peer-to-peer D-Bus on the daemon's control socket.
+fn peer_proxy(path: &Path) -> Result<Engine1ProxyBlocking<'static>, Failure> {
+    let stream = UnixStream::connect(path)
+        .map_err(|e| Failure::Unreachable(format!("cannot connect to the control socket {}: {e}", path.display())))?;
+    let conn = zbus::blocking::connection::Builder::async_io_unix_stream(stream)
+        .p2p()
+        .build()
+        .map_err(|e| Failure::Unreachable(format!("control socket {}: {e}", path.display())))?;
     Engine1ProxyBlocking::builder(&conn)
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
@@ -338,9 +389,10 @@ fn emit(out: &mut impl Write, text: &str) -> Result<(), Failure> {
 fn run(cli: Cli) -> Result<(), Failure> {
     let mut stdout = std::io::stdout();
     // Every command but `outputs` talks to the daemon.
-    let p = match cli.command {
+    let socket = cli.socket.as_deref();
+    let mut p = match cli.command {
         Command::Outputs => return emit(&mut stdout, &crate::output::outputs_text()),
-        _ => proxy()?,
+        _ => proxy(socket)?,
     };
     let f = Failure::from_zbus;
     match cli.command {
@@ -378,6 +430,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let screen = match fetch(&p) {
                     Ok(s) => render_status(&s, tty),
                     Err(Failure::Unreachable(why) | Failure::Rejected(why)) => {
+                        // A restarted daemon is a new peer on its socket: connect again.
+                        if let Ok(again) = proxy(socket) {
+                            p = again;
+                        }
                         format!("audiowarden: not reachable ({why})\n")
                     }
                     Err(Failure::Output(e)) => return Err(Failure::Output(e)),

@@ -7,7 +7,7 @@
 //! [`control`]; everything is measured in [`metrics`].
 
 // Layers, top to bottom (each module uses only those below it; tests/layering.rs checks):
-//   ctl, dbus, osc, notify, reload, logging -> supervisor -> config_file -> control, output, worker
+//   ctl, dbus, osc, notify, reload, logging, runtime_socket -> supervisor -> config_file -> control, output, worker
 //   -> playback -> config, metrics, shm, engine -> sys.
 // `unsafe` is denied but in sys, shm and playback (the lock-free slot table).
 #![deny(unsafe_code)]
@@ -27,6 +27,7 @@ pub mod osc;
 pub mod output;
 pub mod playback;
 pub mod reload;
+pub mod runtime_socket;
 pub mod shm;
 pub mod supervisor;
 pub mod sys;

@@ -90,10 +90,17 @@ fn serve(
 ) {
     // OSC, the engine's original control path (none of it on the audio path either).
     let osc_sockets = audiowarden::osc::open(&started_with, activated);
+    // The D-Bus API peer-to-peer too, for a run that no bus can reach.
+    let control_socket =
+        (started_with.control_socket != "none").then(|| std::path::PathBuf::from(&started_with.control_socket));
     // SIGHUP and the D-Bus Reload method share one reloader (one reload at a time).
     let reloader = Arc::new(Mutex::new(Reloader::new(std::env::args_os().collect(), started_with, sup.handle())));
     // The D-Bus API; the audio does not depend on it (it retries if the bus is away).
-    let service = match audiowarden::dbus::service::Service::start(sup.handle(), Some(reloader.clone())) {
+    let service = match audiowarden::dbus::service::Service::start(
+        sup.handle(),
+        Some(reloader.clone()),
+        control_socket.as_deref(),
+    ) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::error!("cannot start the D-Bus thread: {e}");

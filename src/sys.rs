@@ -568,6 +568,29 @@ pub fn recv_with_creds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool, Un
     Ok((n as usize, msg.msg_flags & libc::MSG_TRUNC != 0, sender))
 }
 
+/// The uid of the process at the other end of a connected AF_UNIX stream socket, as the
+/// kernel recorded it at connect (SO_PEERCRED).
+pub fn peer_uid(fd: RawFd) -> io::Result<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred into `cred`; `len` says its size.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &mut len) };
+    if r == 0 {
+        Ok(cred.uid)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The peer of connected stream socket `fd` has closed its end (or the socket failed): a
+/// poll for POLLRDHUP that does not wait.
+pub fn peer_hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd on the stack; timeout 0.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
 /// The effective user id.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -3,7 +3,8 @@
 //! bottom. Layers, top to bottom:
 //!
 //! ```text
-//! ctl, dbus, osc, notify, reload, logging  the edges: the daemon's main loop, the client, the bus
+//! ctl, dbus, osc, notify, reload,       the edges: the daemon's main loop, the client, the bus,
+//!   logging, runtime_socket             the socket files
 //! supervisor                            the monitor, the events, housekeeping, start and stop
 //! config_file                           the configuration file
 //! control, output, worker               stamping changes; playing; rendering (another process)
@@ -16,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 const LAYERS: &[&[&str]] = &[
-    &["ctl", "dbus", "osc", "notify", "reload", "logging"],
+    &["ctl", "dbus", "osc", "notify", "reload", "logging", "runtime_socket"],
     &["supervisor"],
     &["config_file"],
     &["control", "output", "worker"],

@@ -1,9 +1,10 @@
 //! The D-Bus contract, in one place for the daemon, `audiowardenctl` and the tests: the bus
 //! name, object path and interface, the proxy, and the keys and types of `GetMetrics`.
 //!
-//! The service side is in [`service`]. The shipped description of the interface is
+//! The service side is in [`service`]; [`peer`] serves it without a bus, on a socket. The shipped description of the interface is
 //! `dbus/org.audiowarden.Engine1.xml`; a test compares it with the live introspection.
 
+pub mod peer;
 pub mod service;
 
 use std::collections::HashMap;

@@ -11,15 +11,18 @@
 //! again every few seconds.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::TryRecvError;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use zbus::blocking::object_server::InterfaceRef;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::OwnedValue;
 
+use super::peer::{PeerServer, Peers};
 use super::{metrics_dict, BUS_NAME, OBJECT_PATH};
 use crate::config_file::LoadError;
 use crate::reload::Reloader;
@@ -45,13 +48,28 @@ pub struct Engine1 {
 /// Rejected calls logged per second at most.
 const LOG_BURST: u64 = 10;
 
+/// `stopping` once the D-Bus side has begun to stop, else the supervisor's state.
+fn current_state(sup: &Handle, stopping: &AtomicBool) -> State {
+    if stopping.load(Ordering::Acquire) {
+        State::Stopping
+    } else {
+        sup.state()
+    }
+}
+
 impl Engine1 {
-    fn current_state(&self) -> State {
-        if self.stopping.load(Ordering::Acquire) {
-            State::Stopping
-        } else {
-            self.sup.state()
+    /// The object for one connection (the bus, or a peer-to-peer client).
+    pub(crate) fn new(sup: &Handle, reloader: &Option<Arc<Mutex<Reloader>>>, stopping: &Arc<AtomicBool>) -> Engine1 {
+        Engine1 {
+            sup: sup.clone(),
+            reloader: reloader.clone(),
+            stopping: stopping.clone(),
+            log_limit: std::sync::Mutex::new((0, 0)),
         }
+    }
+
+    fn current_state(&self) -> State {
+        current_state(&self.sup, &self.stopping)
     }
 
     fn rejected(&self, method: &str, value: f64, e: &crate::ControlError) -> zbus::fdo::Error {
@@ -152,23 +170,35 @@ impl Engine1 {
 }
 
 /// The running D-Bus side. [`Service::stop`] (or drop) announces `stopping`, releases the
-/// name and ends the bridge thread.
+/// name and ends the bridge thread (and the control socket's).
 pub struct Service {
     sup: Handle,
     stopping: Arc<AtomicBool>,
     owned: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    peer_server: Option<PeerServer>,
 }
 
 impl Service {
     /// Starts the bridge thread, which connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS`
-    /// or the standard socket), serves the object and owns [`BUS_NAME`].
-    pub fn start(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>) -> std::io::Result<Service> {
+    /// or the standard socket), serves the object and owns [`BUS_NAME`]; and, with
+    /// `control_socket`, serves the same object peer-to-peer there ([`super::peer`]).
+    pub fn start(
+        sup: Handle,
+        reloader: Option<Arc<Mutex<Reloader>>>,
+        control_socket: Option<&Path>,
+    ) -> std::io::Result<Service> {
         let stopping = Arc::new(AtomicBool::new(false));
         let owned = Arc::new(AtomicBool::new(false));
+        let peers = Peers::default();
+        let peer_server = control_socket.and_then(|path| {
+            let (s, r, st) = (sup.clone(), reloader.clone(), stopping.clone());
+            PeerServer::start(path, peers.clone(), move || Engine1::new(&s, &r, &st))
+        });
         let (st, ow, s) = (stopping.clone(), owned.clone(), sup.clone());
-        let thread = std::thread::Builder::new().name("aw-dbus".into()).spawn(move || bridge(s, reloader, st, ow))?;
-        Ok(Service { sup, stopping, owned, thread: Some(thread) })
+        let thread =
+            std::thread::Builder::new().name("aw-dbus".into()).spawn(move || bridge(s, reloader, st, ow, peers))?;
+        Ok(Service { sup, stopping, owned, thread: Some(thread), peer_server })
     }
 
     /// The bus name is ours (systemd's READY waits for this).
@@ -186,6 +216,8 @@ impl Service {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // After the bridge announced `stopping` to the peers too.
+        self.peer_server.take();
     }
 }
 
@@ -195,23 +227,35 @@ impl Drop for Service {
     }
 }
 
-fn connect(
-    sup: &Handle,
-    reloader: &Option<Arc<Mutex<Reloader>>>,
-    stopping: &Arc<AtomicBool>,
-) -> zbus::Result<zbus::blocking::Connection> {
-    let obj = Engine1 {
-        sup: sup.clone(),
-        reloader: reloader.clone(),
-        stopping: stopping.clone(),
-        log_limit: std::sync::Mutex::new((0, 0)),
-    };
+/// The system bus connection the bridge serves on, with what its checks need.
+struct Bus {
+    conn: zbus::blocking::Connection,
+    driver: zbus::blocking::fdo::DBusProxy<'static>,
+    last_check: Instant,
+}
+
+fn connect(sup: &Handle, reloader: &Option<Arc<Mutex<Reloader>>>, stopping: &Arc<AtomicBool>) -> zbus::Result<Bus> {
     // Our own calls (the bus check) give up after a while rather than hang on a wedged bus.
-    zbus::blocking::connection::Builder::system()?
+    let conn = zbus::blocking::connection::Builder::system()?
         .method_timeout(RETRY)
-        .serve_at(OBJECT_PATH, obj)?
+        .serve_at(OBJECT_PATH, Engine1::new(sup, reloader, stopping))?
         .name(BUS_NAME)?
-        .build()
+        .build()?;
+    let driver = zbus::blocking::fdo::DBusProxy::new(&conn)?;
+    Ok(Bus { conn, driver, last_check: Instant::now() })
+}
+
+impl Bus {
+    /// A round trip to the bus driver: fails once dbus-daemon is gone, or says who owns the
+    /// name if it is not us any more.
+    fn check(&self) -> Result<(), String> {
+        let name: zbus::names::BusName<'_> = BUS_NAME.try_into().map_err(|e| format!("{BUS_NAME}: {e}"))?;
+        match self.driver.get_name_owner(name) {
+            Ok(owner) if self.conn.unique_name().is_some_and(|me| owner.as_str() == me.as_str()) => Ok(()),
+            Ok(owner) => Err(format!("{BUS_NAME} is now owned by {owner}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
 }
 
 /// What the bridge last announced.
@@ -226,98 +270,45 @@ struct Announced {
     gain: f64,
 }
 
-fn bridge(sup: Handle, reloader: Option<Arc<Mutex<Reloader>>>, stopping: Arc<AtomicBool>, owned: Arc<AtomicBool>) {
+/// The bridge thread: keeps the system bus connected (retrying every [`RETRY`] while it is
+/// away) and sends Failover and PropertiesChanged to it and to every peer-to-peer client.
+/// Event-driven: whoever changes what is announced notifies (the monitor, the output thread,
+/// the control path, the event thread); RETRY bounds the sleep for the bus check.
+fn bridge(
+    sup: Handle,
+    reloader: Option<Arc<Mutex<Reloader>>>,
+    stopping: Arc<AtomicBool>,
+    owned: Arc<AtomicBool>,
+    peers: Peers,
+) {
     // Subscribe before connecting, so no failover between the two is missed.
     let events = sup.subscribe();
-    let mut warned = false;
-    while !stopping.load(Ordering::Acquire) {
-        match connect(&sup, &reloader, &stopping) {
-            Ok(conn) => {
-                warned = false;
-                owned.store(true, Ordering::Release);
-                tracing::info!(BUS_NAME = BUS_NAME, "D-Bus API on the system bus as {BUS_NAME}");
-                let lost = serve(&conn, &sup, &events, &stopping);
-                owned.store(false, Ordering::Release);
-                match lost {
-                    // Stopping: release the name (announced `stopping` first) and disconnect.
-                    None => {
-                        let _ = conn.release_name(BUS_NAME);
-                        return;
-                    }
-                    // The bus went away (dbus-daemon restarted): connect again.
-                    Some(e) => {
-                        tracing::warn!(BUS_NAME = BUS_NAME, "lost the system bus ({e}); playing on, reconnecting")
-                    }
-                }
-            }
-            Err(e) => {
-                if !warned {
-                    tracing::warn!(
-                        BUS_NAME = BUS_NAME,
-                        "D-Bus API unavailable ({e}); playing on without it, retrying every {} s",
-                        RETRY.as_secs()
-                    );
-                    warned = true;
-                }
-            }
-        }
-        let t0 = Instant::now();
-        while t0.elapsed() < RETRY && !stopping.load(Ordering::Acquire) {
-            sup.wait_for_change(RETRY.saturating_sub(t0.elapsed()));
-            // Events are not announced while there is no bus; keep the queue short.
-            while events.try_recv().is_ok() {}
-        }
-    }
-}
-
-/// Serves on `conn`: emits Failover for each event and PropertiesChanged for what changed,
-/// and checks every [`RETRY`] that the bus is still there and the name still ours. Returns
-/// None when stopping, or why the bus was lost.
-fn serve(
-    conn: &zbus::blocking::Connection,
-    sup: &Handle,
-    events: &std::sync::mpsc::Receiver<Event>,
-    stopping: &AtomicBool,
-) -> Option<String> {
-    let iface = match conn.object_server().interface::<_, Engine1>(OBJECT_PATH) {
-        Ok(i) => i,
-        Err(e) => return Some(format!("D-Bus object missing after registration: {e}")),
-    };
-    let driver = match zbus::blocking::fdo::DBusProxy::new(conn) {
-        Ok(d) => d,
-        Err(e) => return Some(e.to_string()),
-    };
-    let name: zbus::names::BusName<'_> = match BUS_NAME.try_into() {
-        Ok(n) => n,
-        Err(e) => return Some(format!("{BUS_NAME}: {e}")),
-    };
-    let emitter = iface.signal_emitter().clone();
-    let mut last = Announced::of(&iface);
-    let mut last_check = Instant::now();
+    let mut link = BusLink { bus: None, warned: false, next_attempt: Instant::now(), owned };
+    let mut last = Announced::now(&sup, &stopping);
     loop {
-        // Event-driven: whoever changes what is announced here notifies (the monitor, the
-        // output thread, the control path, the event thread); RETRY bounds the sleep for the
-        // bus check.
-        sup.wait_for_change(RETRY.saturating_sub(last_check.elapsed()));
+        if !stopping.load(Ordering::Acquire) {
+            link.connect_if_due(&sup, &reloader, &stopping);
+        }
+        sup.wait_for_change(link.due().saturating_duration_since(Instant::now()));
         // Read after the wait: a stop notified before it is seen now.
         let stop = stopping.load(Ordering::Acquire);
-        loop {
-            match events.try_recv() {
-                Ok(Event::Failover { old_pid, new_pid, detected_ns, failover_ns }) => {
-                    let ms = failover_ns.saturating_sub(detected_ns) as f64 / 1e6;
-                    if let Err(e) = zbus::block_on(Engine1::failover(&emitter, old_pid, new_pid, ms)) {
-                        tracing::warn!("cannot emit Failover: {e}");
-                    }
-                }
-                Ok(_) => {}
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => return None,
-            }
+        // The bus and every peer-to-peer client: each serves its own object.
+        let targets: Vec<InterfaceRef<Engine1>> = link
+            .bus
+            .iter()
+            .map(|b| b.conn.clone())
+            .chain(peers.connections())
+            .filter_map(|c| c.object_server().interface::<_, Engine1>(OBJECT_PATH).ok())
+            .collect();
+        if !emit_failovers(&events, &targets) {
+            return;
         }
-        let now = Announced::of(&iface);
+        let now = Announced::now(&sup, &stopping);
         if now != last {
-            if let Err(e) = zbus::block_on(announce_changes(&iface, &emitter, now, last)) {
-                tracing::warn!("cannot emit PropertiesChanged: {e}");
+            for t in &targets {
+                if let Err(e) = zbus::block_on(announce_changes(t, now, last)) {
+                    tracing::debug!("cannot emit PropertiesChanged: {e}");
+                }
             }
             last = now;
             if !stop {
@@ -326,41 +317,114 @@ fn serve(
         }
         if stop {
             // `stopping` was announced above.
-            return None;
+            link.release();
+            return;
         }
-        if last_check.elapsed() >= RETRY {
-            last_check = Instant::now();
-            // A round trip to the bus driver: fails once dbus-daemon is gone.
-            match driver.get_name_owner(name.clone()) {
-                Ok(owner) if conn.unique_name().is_some_and(|me| owner.as_str() == me.as_str()) => {}
-                Ok(owner) => return Some(format!("{BUS_NAME} is now owned by {owner}")),
-                Err(e) => return Some(e.to_string()),
+        link.check_if_due();
+    }
+}
+
+/// Failover for each event queued since the last look; false once the supervisor is gone.
+fn emit_failovers(events: &std::sync::mpsc::Receiver<Event>, targets: &[InterfaceRef<Engine1>]) -> bool {
+    loop {
+        match events.try_recv() {
+            Ok(Event::Failover { old_pid, new_pid, detected_ns, failover_ns }) => {
+                let ms = failover_ns.saturating_sub(detected_ns) as f64 / 1e6;
+                for t in targets {
+                    if let Err(e) = zbus::block_on(Engine1::failover(t.signal_emitter(), old_pid, new_pid, ms)) {
+                        tracing::debug!("cannot emit Failover: {e}");
+                    }
+                }
             }
+            Ok(_) => {}
+            Err(TryRecvError::Empty) => return true,
+            Err(TryRecvError::Disconnected) => return false,
+        }
+    }
+}
+
+/// The system bus side of the bridge: connected or waiting to retry.
+struct BusLink {
+    bus: Option<Bus>,
+    /// The "unavailable" line was logged for this episode.
+    warned: bool,
+    next_attempt: Instant,
+    owned: Arc<AtomicBool>,
+}
+
+impl BusLink {
+    fn connect_if_due(&mut self, sup: &Handle, reloader: &Option<Arc<Mutex<Reloader>>>, stopping: &Arc<AtomicBool>) {
+        if self.bus.is_some() || Instant::now() < self.next_attempt {
+            return;
+        }
+        match connect(sup, reloader, stopping) {
+            Ok(b) => {
+                self.warned = false;
+                self.owned.store(true, Ordering::Release);
+                tracing::info!(BUS_NAME = BUS_NAME, "D-Bus API on the system bus as {BUS_NAME}");
+                self.bus = Some(b);
+            }
+            Err(e) => {
+                if !self.warned {
+                    tracing::warn!(
+                        BUS_NAME = BUS_NAME,
+                        "D-Bus API unavailable on the system bus ({e}); playing on without it, retrying every {} s",
+                        RETRY.as_secs()
+                    );
+                    self.warned = true;
+                }
+                self.next_attempt = Instant::now() + RETRY;
+            }
+        }
+    }
+
+    /// When the next check or connection attempt is due.
+    fn due(&self) -> Instant {
+        self.bus.as_ref().map_or(self.next_attempt, |b| b.last_check + RETRY)
+    }
+
+    /// Every RETRY, a round trip proves the bus and the name still ours; else connect again.
+    fn check_if_due(&mut self) {
+        let Some(b) = self.bus.as_mut() else { return };
+        if b.last_check.elapsed() < RETRY {
+            return;
+        }
+        b.last_check = Instant::now();
+        if let Err(e) = b.check() {
+            // The bus went away (dbus-daemon restarted): connect again.
+            tracing::warn!(BUS_NAME = BUS_NAME, "lost the system bus ({e}); playing on, reconnecting");
+            self.owned.store(false, Ordering::Release);
+            self.bus = None;
+            self.next_attempt = Instant::now();
+        }
+    }
+
+    /// Stopping: release the name and disconnect.
+    fn release(&mut self) {
+        if let Some(b) = self.bus.take() {
+            self.owned.store(false, Ordering::Release);
+            let _ = b.conn.release_name(BUS_NAME);
         }
     }
 }
 
 impl Announced {
-    fn of(iface: &zbus::blocking::object_server::InterfaceRef<Engine1>) -> Self {
-        let o = iface.get();
+    fn now(sup: &Handle, stopping: &AtomicBool) -> Self {
+        let control = sup.control();
         Announced {
-            state: o.current_state(),
-            spare_ready: o.spare_ready(),
-            primary_pid: o.primary_pid(),
-            frequency: o.frequency(),
-            gain: o.gain(),
+            state: current_state(sup, stopping),
+            spare_ready: sup.metrics_spare_ready(),
+            primary_pid: sup.primary_pid(),
+            frequency: control.frequency(),
+            gain: control.gain(),
         }
     }
 }
 
 /// PropertiesChanged for each property that differs between `last` and `now`.
-async fn announce_changes(
-    iface: &zbus::blocking::object_server::InterfaceRef<Engine1>,
-    emitter: &zbus::object_server::SignalEmitter<'_>,
-    now: Announced,
-    last: Announced,
-) -> zbus::Result<()> {
+async fn announce_changes(iface: &InterfaceRef<Engine1>, now: Announced, last: Announced) -> zbus::Result<()> {
     let o = iface.get();
+    let emitter = iface.signal_emitter();
     if now.state != last.state {
         o.state_changed(emitter).await?;
     }

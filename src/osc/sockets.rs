@@ -5,29 +5,18 @@
 use std::io;
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::config::Config;
+use crate::runtime_socket::{self, CreatedFile};
 use crate::sys;
 
-/// The AF_UNIX socket, and the file we created for it with its (device, inode): removed on
-/// drop if it is still ours (not if another instance replaced it meanwhile); None when
-/// systemd owns the file.
+/// The AF_UNIX socket, and the file we created for it (None when systemd owns the file).
 pub struct UnixSocket {
     pub socket: UnixDatagram,
-    created: Option<(PathBuf, (u64, u64))>,
-}
-
-impl Drop for UnixSocket {
-    fn drop(&mut self) {
-        if let Some((p, id)) = &self.created {
-            if std::fs::symlink_metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == *id) {
-                let _ = std::fs::remove_file(p);
-            }
-        }
-    }
+    #[allow(dead_code)] // held for its drop: the file is removed with the socket
+    created: Option<CreatedFile>,
 }
 
 /// What the OSC thread serves.
@@ -99,66 +88,25 @@ fn prepare_unix(socket: &UnixDatagram) -> io::Result<()> {
     socket.set_nonblocking(true)
 }
 
-/// Binds the AF_UNIX socket at `path`, group `audio`, 0660. A stale file (no one receives on
-/// it) is replaced; a live one (another instance) or anything not a socket is left alone.
+/// Binds the AF_UNIX socket at `path`, group `audio`, 0660 ([`runtime_socket`]).
 fn bind_unix(path: &Path) -> Option<UnixSocket> {
     let hint = "under systemd, enable audiowarden-osc.socket; or set --osc-socket (none: off)";
-    match try_bind_unix(path) {
-        Ok((socket, group)) => {
-            match group {
-                Some(()) => tracing::info!("OSC on osc.unix://{} (group audio, mode 0660)", path.display()),
-                None => tracing::warn!(
-                    "OSC on osc.unix://{} (mode 0600: no group `audio` here, so only uid {} may send)",
-                    path.display(),
-                    sys::euid()
-                ),
-            }
-            let id = std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino())).unwrap_or_default();
-            Some(UnixSocket { socket, created: Some((path.to_owned(), id)) })
+    let bound = runtime_socket::prepare(path, |p| UnixDatagram::unbound()?.connect(p)).and_then(|()| {
+        let socket = UnixDatagram::bind(path)?;
+        let (created, access) = runtime_socket::restrict(path)?;
+        prepare_unix(&socket)?;
+        Ok((socket, created, access))
+    });
+    match bound {
+        Ok((socket, created, access)) => {
+            tracing::info!("OSC on osc.unix://{} ({})", path.display(), access.describe());
+            Some(UnixSocket { socket, created: Some(created) })
         }
         Err(e) => {
             tracing::error!("no OSC socket at {}: {e} ({hint})", path.display());
             None
         }
     }
-}
-
-fn try_bind_unix(path: &Path) -> io::Result<(UnixDatagram, Option<()>)> {
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
-        let meta = std::fs::metadata(dir)?;
-        // A directory someone else owns could have the socket swapped under us.
-        if meta.uid() != sys::euid() && meta.uid() != 0 {
-            return Err(io::Error::other(format!("{} is owned by uid {}, not by us", dir.display(), meta.uid())));
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => match UnixDatagram::unbound()?.connect(path) {
-            // Stale: nobody receives there. Anything else (EACCES: someone else's live socket,
-            // EPROTOTYPE: a stream socket) is not ours to remove.
-            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path)?,
-            Ok(()) => return Err(io::Error::other("another process receives on it (a second instance?)")),
-            Err(e) => return Err(io::Error::other(format!("a socket that is not ours is there ({e}): left alone"))),
-        },
-        Ok(_) => return Err(io::Error::other("it exists and is not a socket: left alone")),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let socket = UnixDatagram::bind(path)?;
-    prepare_unix(&socket)?;
-    let group = audio_gid().and_then(|gid| std::os::unix::fs::chown(path, None, Some(gid)).ok());
-    let mode = if group.is_some() { 0o660 } else { 0o600 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok((socket, group))
-}
-
-/// The gid of group `audio`, from /etc/group.
-fn audio_gid() -> Option<u32> {
-    let groups = std::fs::read_to_string("/etc/group").ok()?;
-    groups.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next() == Some("audio")).then(|| f.nth(1).and_then(|g| g.parse().ok())).flatten()
-    })
 }
 
 /// Binds UDP at `addr` (validated by the configuration: loopback unless remote is allowed).

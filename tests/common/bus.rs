@@ -182,11 +182,18 @@ impl Daemon {
         } else {
             vec!["--osc-socket".into(), bus.dir.path().join(format!("osc-{tag}.sock")).into()]
         };
+        // Likewise its own D-Bus control socket.
+        let control: Vec<std::ffi::OsString> = if launch.args.contains(&"--control-socket") {
+            Vec::new()
+        } else {
+            vec!["--control-socket".into(), bus.dir.path().join(format!("control-{tag}.sock")).into()]
+        };
         let child = cmd
             .arg("--shm-dir")
             .arg(&shm_dir)
             .args(output)
             .args(&osc)
+            .args(&control)
             .args(launch.args)
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .env("AUDIOWARDEN_LOG", "stderr")
