@@ -424,3 +424,39 @@ fn osc_socket_units_hand_their_sockets_to_a_service_without_network() {
     assert!(out.status.success(), "oscsend after a restart: {out:?}");
     wait_until_every("550 Hz after the restart", Duration::from_secs(5), POLL, || property("Frequency") == "d 550");
 }
+
+/// Under the shipped sandbox (ProtectSystem=strict: the file system is read-only to the
+/// service, root included), the two places the daemon writes outside /dev/shm are writable:
+/// node exporter's textfile directory (ReadWritePaths=; without it this fails), where the
+/// metrics file appears and is removed again on stop; and its RuntimeDirectory, where the
+/// control socket answers `audiowardenctl --socket`, and which outlives a stop
+/// (RuntimeDirectoryPreserve=yes, so that the OSC socket unit's file in it does too; without
+/// it the directory is gone after the stop). A user manager's RuntimeDirectory is under
+/// $XDG_RUNTIME_DIR (/run/xrt here), which its services may write anyway: that
+/// RuntimeDirectory= opens the system manager's /run/audiowarden, the daemon's default, is
+/// systemd's documented behaviour, not shown here.
+#[test]
+fn the_sandbox_lets_the_control_socket_and_the_prometheus_textfile_be_written() {
+    let textfile_dir = "/var/lib/prometheus/node-exporter";
+    assert!(std::path::Path::new(textfile_dir).is_dir(), "{textfile_dir}: prometheus-node-exporter is not installed");
+    let h = SystemdHarness::start();
+    let shm = shm_dir("rw");
+    let prom = format!("{textfile_dir}/audiowarden-test-{}.prom", std::process::id());
+    let sock = "/run/xrt/audiowarden/control.sock";
+    install(&h, shm.0.to_str().unwrap(), &format!("--control-socket {sock} --prometheus-textfile {prom}"), "");
+    start(&h);
+    assert_eq!(h.show(UNIT, "ProtectSystem"), "strict");
+    let out = h.run(&["/run/aw-bin/audiowardenctl", "--socket", sock, "status"]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("audiowarden running"),
+        "status over the control socket: {out:?}\n{}",
+        h.journal(&["-u", UNIT, "--no-pager"])
+    );
+    wait_until_every("the metrics file", Duration::from_secs(5), POLL, || {
+        std::fs::read_to_string(&prom).is_ok_and(|t| t.contains("audiowarden_underruns_total 0"))
+    });
+    h.systemctl_ok(&["stop", UNIT]);
+    assert!(std::fs::symlink_metadata(&prom).is_err(), "{prom} is removed on stop");
+    let left = h.run_ok(&["ls", "-A", "/run/xrt/audiowarden"]);
+    assert_eq!(left.trim(), "", "the runtime directory stays, emptied of the daemon's socket");
+}
