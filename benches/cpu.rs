@@ -187,22 +187,32 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// is not what is measured.
 const SETTLE: Duration = Duration::from_secs(2);
 
-fn jack_side(block: u32, realtime: bool, output: Output, secs: u64) -> Usage {
+/// A peer that quit before its window (JACK can drop a client that misses its deadline, most
+/// of all without RT on a machine that stalls): that run is skipped and says why, rather than
+/// ending the benchmark.
+fn peer_quit(what: &str, status: impl std::fmt::Debug) -> Option<Usage> {
+    println!("  ({what} quit before its window ({status:?}): this run of it is skipped)");
+    None
+}
+
+fn jack_side(block: u32, realtime: bool, output: Output, secs: u64) -> Option<Usage> {
     let jack = JackServer::start_with(block, realtime);
-    let client = SimpleClient::start(&jack);
+    let mut client = SimpleClient::start(&jack);
     std::thread::sleep(SETTLE);
-    assert!(std::path::Path::new(&format!("/proc/{}", client.0.id())).exists(), "jack_simple_client exited");
+    if let Ok(Some(status)) = client.0.try_wait() {
+        return peer_quit("jack_simple_client", status);
+    }
     let jackd = jack.jackd_pid;
     let cid = client.0.id();
-    match output {
+    Some(match output {
         Output::Virtual => measure(|| vec![jackd, cid], secs),
         Output::Alsa => measure(|| vec![cid], secs),
-    }
+    })
 }
 
 /// `speaker-test -t sine` through `awjack` (jackd not counted), periods of `block` frames and a
 /// buffer of 4, like the daemon's defaults.
-fn player_side(block: u32, realtime: bool, secs: u64) -> Usage {
+fn player_side(block: u32, realtime: bool, secs: u64) -> Option<Usage> {
     let jack = JackServer::start_with(block, realtime);
     let us = |frames: u32| (frames as u64 * 1_000_000 / 48_000).to_string();
     let mut child = Command::new("speaker-test")
@@ -215,15 +225,17 @@ fn player_side(block: u32, realtime: bool, secs: u64) -> Usage {
         .spawn()
         .expect("speaker-test (Debian: alsa-utils)");
     std::thread::sleep(SETTLE);
-    assert!(matches!(child.try_wait(), Ok(None)), "speaker-test exited");
+    if let Ok(Some(status)) = child.try_wait() {
+        return peer_quit("speaker-test", status);
+    }
     let pid = child.id();
     let u = measure(|| vec![pid], secs);
     common::signal(pid, libc::SIGTERM);
     let _ = child.wait();
-    u
+    Some(u)
 }
 
-fn our_side(bus: &PrivateBus, block: u32, rt: Option<&NoRt>, output: Output, secs: u64) -> Usage {
+fn our_side(bus: &PrivateBus, block: u32, rt: Option<&NoRt>, output: Output, secs: u64) -> Option<Usage> {
     let bf = block.to_string();
     // The JACK device of the alsa rows: jackd runs, and is not counted.
     let jack = (output == Output::Alsa).then(|| JackServer::start_with(block, rt.is_none()));
@@ -240,13 +252,18 @@ fn our_side(bus: &PrivateBus, block: u32, rt: Option<&NoRt>, output: Output, sec
     let m1 = p.get_metrics().unwrap();
     let played = get_u64(&m1, "frames_played") - get_u64(&m0, "frames_played");
     let expected = 48_000 * secs;
-    assert!(played * 10 >= expected * 9, "played {played} frames in {secs} s");
     let underruns = get_u64(&m1, "underruns") - get_u64(&m0, "underruns");
     if underruns > 0 {
         println!("  (block {block}: {underruns} underruns in the window)");
     }
     assert!(d.stop().success());
-    u
+    // Measured while playing in real time, or not a measurement of playing: a device that
+    // fell behind (JACK without RT dropping the plugin's client, say) is reported, not timed.
+    if played * 10 < expected * 9 {
+        println!("  (block {block}: played {played} of {expected} frames in the window: this run is skipped)");
+        return None;
+    }
+    Some(u)
 }
 
 fn print_wakeups(title: &str, u: &Usage) {
@@ -266,6 +283,10 @@ fn print_wakeups(title: &str, u: &Usage) {
 }
 
 fn print_row(r: &Row) {
+    if r.jack.is_empty() || r.ours.is_empty() {
+        println!("{:>5} {:<3} no valid run of both sides: no figure", r.block, if r.realtime { "RT" } else { "-" });
+        return;
+    }
     let jack = median(r.jack.iter().map(|u| u.cpu).collect());
     let ours = median(r.ours.iter().map(|u| u.cpu).collect());
     let runs = |v: &[Usage]| v.iter().map(|u| format!("{:.2}", u.cpu)).collect::<Vec<_>>().join(" ");
@@ -347,10 +368,10 @@ fn main() {
     for r in &mut rows {
         let rt = if r.realtime { None } else { nort.as_ref() };
         for _ in 0..runs {
-            r.jack.push(jack_side(r.block, r.realtime, r.output, secs));
-            r.ours.push(our_side(&bus, r.block, rt, r.output, secs));
+            r.jack.extend(jack_side(r.block, r.realtime, r.output, secs));
+            r.ours.extend(our_side(&bus, r.block, rt, r.output, secs));
             if r.output == Output::Alsa {
-                r.player.push(player_side(r.block, r.realtime, secs));
+                r.player.extend(player_side(r.block, r.realtime, secs));
             }
         }
         print_row(r);

@@ -20,7 +20,14 @@ fn paused_output(output: OutputSpec, tag: &str) -> audiowarden::MetricsSnapshot 
     std::thread::sleep(Duration::from_millis(900));
     let m = sup.metrics();
     sup.shutdown().expect("shutdown");
-    assert_eq!(m.device_xruns, 1, "one late wake-up of the output thread is one xrun: {m:?}");
+    // The pause is one xrun. The machine may stall the output thread beyond the 5.3 ms buffer
+    // on its own too (a VM here: TESTING.md), and each such wake-up is one more: every xrun
+    // is a wake-up later than 4 ms (the histogram's bound below the buffer), never more.
+    let h = &m.output_wake_late_us;
+    let i = audiowarden::metrics::histogram::EXPORTED_BOUNDS_US.iter().position(|&b| b == 4095).unwrap();
+    let late_wakeups = h.count - h.cumulative[i];
+    assert!(m.device_xruns >= 1, "the late wake-up of the output thread is an xrun: {m:?}");
+    assert!(m.device_xruns <= late_wakeups, "an xrun per late wake-up, no more ({late_wakeups}): {m:?}");
     assert_eq!(m.underruns, 0, "the engine was never late; the output thread was: {m:?}");
     assert!(m.output_wake_late_us.max >= 150_000, "the pause shows as a late wake-up: {m:?}");
     assert_eq!(m.crash_count, 0, "{m:?}");

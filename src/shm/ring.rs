@@ -453,15 +453,18 @@ impl AudioRing {
 
     /// Where a successor continues when this ring's worker died with the output at block
     /// `pos`: the end of the unbroken run of valid blocks starting at `pos` (so no garbage
-    /// block is ever skipped over, which would leave a hole no ring can fill), or, if the
-    /// ring holds nothing at `pos`, its newest valid state.
-    pub fn handoff_state(&self, pos: u64) -> Option<(u64, EngineState)> {
+    /// block is ever skipped over, which would leave a hole no ring can fill), but not past
+    /// block `limit`, or, if the ring holds nothing at `pos`, its newest valid state. (A
+    /// successor that starts before the end renders the rest again, bit-identical: it can
+    /// start at once, where a full ring's end is a whole ring ahead, with no room for it until
+    /// the output moves on.)
+    pub fn handoff_state(&self, pos: u64, limit: u64) -> Option<(u64, EngineState)> {
         let w = self.write_index();
         if self.in_window(pos, w) {
             let mut end = None;
             // A block whose samples no longer match their checksum cannot be played either:
             // the run ends before it, so that a successor renders it again.
-            for b in pos..w {
+            for b in pos..w.min(limit.max(pos)) {
                 match self.committed_state(b).filter(|s| self.samples_intact(b, s)) {
                     Some(s) => end = Some((b + 1, s)),
                     None => break,
@@ -530,7 +533,7 @@ mod tests {
         r.set_read_index(1);
         assert_eq!(w.space(), 1);
         assert_eq!(r.last_valid_state(0).unwrap().0, 4);
-        assert_eq!(r.handoff_state(1).unwrap().0, 4);
+        assert_eq!(r.handoff_state(1, u64::MAX).unwrap().0, 4);
     }
 
     #[test]
@@ -540,8 +543,19 @@ mod tests {
         fill(&w, 4, Some(2)); // block 2 is garbage
                               // Newest valid is block 3, but a successor must continue after block 1.
         assert_eq!(r.last_valid_state(0).unwrap().0, 4);
-        assert_eq!(r.handoff_state(0).unwrap().0, 2);
-        assert_eq!(r.handoff_state(2).unwrap().0, 2, "pos itself bad: continue from pos-1's end");
+        assert_eq!(r.handoff_state(0, u64::MAX).unwrap().0, 2);
+        assert_eq!(r.handoff_state(2, u64::MAX).unwrap().0, 2, "pos itself bad: continue from pos-1's end");
+    }
+
+    #[test]
+    fn handoff_stops_at_the_limit_with_the_state_committed_there() {
+        let (f, r, _) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        fill(&w, 4, None);
+        let (base, state) = r.handoff_state(0, 2).unwrap();
+        assert_eq!(base, 2, "a successor continues at the limit, not at the run's end (4)");
+        assert_eq!(state.frame, r.committed_state(1).unwrap().frame, "with the state at the end of block 1");
+        assert_eq!(r.handoff_state(0, 9).unwrap().0, 4, "a limit past the run changes nothing");
     }
 
     #[test]
@@ -604,7 +618,7 @@ mod tests {
                 for pos in [0, 3, u64::MAX - 4, u64::MAX - 1, u64::MAX] {
                     let _ = r.committed_state(pos);
                     let _ = r.read_block(pos, &mut out);
-                    let _ = r.handoff_state(pos);
+                    let _ = r.handoff_state(pos, u64::MAX);
                     let _ = r.last_valid_state(pos);
                     let _ = r.holds_invalid(pos);
                     let _ = r.space_at(pos);
@@ -633,7 +647,7 @@ mod tests {
         assert!(r.read_block(2, &mut out).is_none(), "scribbled samples must not play");
         assert!(r.holds_invalid(2));
         assert!(!r.holds_invalid(1) && !r.holds_invalid(3));
-        assert_eq!(r.handoff_state(0).unwrap().0, 2, "the run of playable blocks ends before block 2");
+        assert_eq!(r.handoff_state(0, u64::MAX).unwrap().0, 2, "the run of playable blocks ends before block 2");
     }
 
     #[test]

@@ -135,6 +135,9 @@ struct Worker {
     phase: Phase,
     /// For a primary started cold or promoted before it was ready: where to start.
     start_from: Option<(u64, EngineState)>,
+    /// Where its current run started (any role): what it was about to apply if it dies before
+    /// its first commit, for the poison check.
+    run_start: Option<(u64, EngineState)>,
     /// Why it was started; a replacement is reported (once) when it is ready for its role.
     cause: Cause,
     /// Ready for its role has been reported.
@@ -517,7 +520,6 @@ impl Monitor {
         }
         self.next_id += 1;
         self.events.report(Report::Spawned { pid, slot, id, role: role.name() });
-        let t_spawn = spawned_ns;
         self.workers.push(Worker {
             id,
             slot,
@@ -530,6 +532,7 @@ impl Monitor {
             role,
             phase: Phase::Spawning,
             start_from,
+            run_start: None,
             cause,
             ready_reported: false,
             hb_write: 0,
@@ -537,7 +540,7 @@ impl Monitor {
             hang_detected_ns: None,
             killed_for: None,
             dead_since: None,
-            spawned_ns: t_spawn,
+            spawned_ns,
             cpu: None,
         });
         if let Some(w) = self.workers.last() {
@@ -642,6 +645,7 @@ impl Monitor {
         let Some((base, _)) = started else { return false };
         self.stagger(idx);
         let w = &mut self.workers[idx];
+        w.run_start = started;
         w.phase = Phase::Running { base };
         w.hb_write = base;
         w.hb = HbState::default();
@@ -876,8 +880,10 @@ impl Monitor {
         if !from_inside {
             return;
         }
-        // Where it was: the block after its newest valid one (or its start, if it had none).
-        let Some((block, state)) = w.shm.ring.last_valid_state(0).or(w.start_from) else { return };
+        // Where it was: the block after its newest valid one (or where its run started, if it
+        // committed none: a successor that dies at its first block names the change too, or
+        // that death would not count and the change would go on being replayed).
+        let Some((block, state)) = w.shm.ring.last_valid_state(0).or(w.run_start).or(w.start_from) else { return };
         if let Some(q) = self.sh.control.note_fatal(&state, block, self.sh.geo.block_frames as u64) {
             self.sh.metrics.control_quarantined.fetch_add(1, Ordering::Relaxed);
             self.events.report(Report::Quarantined {
@@ -920,12 +926,18 @@ impl Monitor {
     /// Where the stream continues after primary `dead`: the end of its unbroken run of valid
     /// committed blocks from the output position `pos`, else where it was told to start.
     /// (Its own blocks first: they reach furthest. If it holds nothing playable from `pos`
-    /// on, the state at the end of the block played last continues exactly at `pos`.)
+    /// on, the state at the end of the block played last continues exactly at `pos`.) At
+    /// most a batch short of a full ring ahead of `pos`: a successor (warm, reserve, cold)
+    /// then has room for a batch at once and the takeover is complete with its first block,
+    /// instead of waiting for the output to free a slot; it renders the dead ring's last
+    /// blocks again, bit-identical (the output plays whichever ring holds a block).
     fn handoff_state(&self, dead: usize, pos: u64) -> (u64, EngineState) {
         let bf = self.sh.geo.block_frames as u64;
         let played =
             self.sh.play.played_state.load().filter(|s| Some(s.frame) == pos.checked_mul(bf)).map(|s| (pos, s));
-        let own = self.workers[dead].shm.ring.handoff_state(pos);
+        let batch = u64::from(self.sh.play.settings.batch_blocks.max(1));
+        let limit = pos.saturating_add((self.sh.geo.slots as u64).saturating_sub(batch).max(1));
+        let own = self.workers[dead].shm.ring.handoff_state(pos, limit);
         let fallback = own.filter(|&(base, _)| base >= pos).or(played).or(own).or(self.workers[dead].start_from);
         fallback.unwrap_or_else(|| {
             // Nothing valid anywhere: resync from the control targets at the output position
