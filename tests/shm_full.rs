@@ -178,9 +178,21 @@ fn full_while_running(free: u64, tag: &str) {
     drop(hog);
     // (The failover's own report too: the event thread records it into the metrics after the
     // monitor has moved on, so `running` alone may come first.)
-    wait_until("running again, the cold start's takeover reported", Duration::from_secs(10), || {
-        p.state().unwrap() == "running" && metric("reserve_pid") != 0 && metric("failover_count") == 3
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = p.state().unwrap();
+        if state == "running" && metric("reserve_pid") != 0 && metric("failover_count") == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not running again with a reserve and the cold start's takeover reported 10 s after space \
+             returned: state {state}, metrics {:?}\n{}",
+            p.get_metrics().unwrap(),
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let m = p.get_metrics().unwrap();
     let log = d.log_text();
     assert_eq!(count(&log, "cannot start a"), 1, "one line per episode, not per retry:\n{log}");

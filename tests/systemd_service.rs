@@ -12,7 +12,8 @@ use common::wait_until_every;
 /// Each check runs a process in the namespace: look a few times a second, not a thousand.
 const POLL: Duration = Duration::from_millis(50);
 
-fn busctl_metrics(h: &SystemdHarness) -> serde_json::Value {
+/// GetMetrics through busctl inside the namespace, or why it failed.
+fn try_busctl_metrics(h: &SystemdHarness) -> Result<serde_json::Value, String> {
     let out = h.run(&[
         "busctl",
         "--system",
@@ -23,9 +24,15 @@ fn busctl_metrics(h: &SystemdHarness) -> serde_json::Value {
         "org.audiowarden.Engine1",
         "GetMetrics",
     ]);
-    assert!(out.status.success(), "busctl GetMetrics: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["data"][0].clone()
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok(v["data"][0].clone())
+}
+
+fn busctl_metrics(h: &SystemdHarness) -> serde_json::Value {
+    try_busctl_metrics(h).unwrap_or_else(|e| panic!("busctl GetMetrics: {e}"))
 }
 
 /// A property of the service as busctl prints it inside the namespace (e.g. `d 0.5`).
@@ -250,20 +257,8 @@ fn restart_after_sigkill_reclaims_and_plays_within_a_second() {
     assert!(h.run(&["kill", "-KILL", &main_pid]).status.success());
     let mut m = serde_json::Value::Null;
     wait_until_every("the new instance playing", Duration::from_secs(5), POLL, || {
-        let out = h.run(&[
-            "busctl",
-            "--system",
-            "--json=short",
-            "call",
-            "org.audiowarden.Engine1",
-            "/org/audiowarden/Engine1",
-            "org.audiowarden.Engine1",
-            "GetMetrics",
-        ]);
-        if !out.status.success() {
-            return false;
-        }
-        m = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["data"][0].clone();
+        let Ok(now) = try_busctl_metrics(&h) else { return false };
+        m = now;
         m["frames_played"]["data"].as_u64().unwrap_or(0) > 0 && m["primary_pid"]["data"].as_u64() != Some(0)
     });
     let took = t0.elapsed();

@@ -899,10 +899,11 @@ impl Monitor {
     /// Promotes the spare (returns true) or starts a primary cold (false).
     fn replace_primary(&mut self, dead: usize, death: Death) -> bool {
         let pos = self.pos();
-        let handoff = self.handoff_state(dead, pos);
         // The spare takes over; if there is none (it died too), the reserve does, like a
         // warm standby.
         let spare = self.find(Role::Spare).or_else(|| self.find(Role::Reserve));
+        let idle = spare.is_some_and(|s| self.workers[s].phase == Phase::Idle);
+        let handoff = self.handoff_state(dead, pos, idle);
         let hot = spare.is_some_and(|s| matches!(self.workers[s].phase, Phase::Running { .. }));
         let cold = spare.is_none_or(|s| self.workers[s].phase == Phase::Spawning);
         if cold {
@@ -926,17 +927,21 @@ impl Monitor {
     /// Where the stream continues after primary `dead`: the end of its unbroken run of valid
     /// committed blocks from the output position `pos`, else where it was told to start.
     /// (Its own blocks first: they reach furthest. If it holds nothing playable from `pos`
-    /// on, the state at the end of the block played last continues exactly at `pos`.) At
-    /// most a batch short of a full ring ahead of `pos`: a successor (warm, reserve, cold)
-    /// then has room for a batch at once and the takeover is complete with its first block,
-    /// instead of waiting for the output to free a slot; it renders the dead ring's last
-    /// blocks again, bit-identical (the output plays whichever ring holds a block).
-    fn handoff_state(&self, dead: usize, pos: u64) -> (u64, EngineState) {
+    /// on, the state at the end of the block played last continues exactly at `pos`.) For
+    /// an `idle` successor (a warm standby, the reserve), which starts rendering at once, at
+    /// most a batch short of a full ring ahead of `pos`: it then has room for a batch at once
+    /// and the takeover is complete with its first block, instead of waiting for the output
+    /// to free a slot; it renders the dead ring's last blocks again, bit-identical (the output
+    /// plays whichever ring holds a block). A worker still to be spawned starts where the run
+    /// ends: by the time it runs the output has moved on, and a cold start long after (a full
+    /// /dev/shm) must resume exactly there.
+    fn handoff_state(&self, dead: usize, pos: u64, idle: bool) -> (u64, EngineState) {
         let bf = self.sh.geo.block_frames as u64;
         let played =
             self.sh.play.played_state.load().filter(|s| Some(s.frame) == pos.checked_mul(bf)).map(|s| (pos, s));
         let batch = u64::from(self.sh.play.settings.batch_blocks.max(1));
-        let limit = pos.saturating_add((self.sh.geo.slots as u64).saturating_sub(batch).max(1));
+        let limit =
+            if idle { pos.saturating_add((self.sh.geo.slots as u64).saturating_sub(batch).max(1)) } else { u64::MAX };
         let own = self.workers[dead].shm.ring.handoff_state(pos, limit);
         let fallback = own.filter(|&(base, _)| base >= pos).or(played).or(own).or(self.workers[dead].start_from);
         fallback.unwrap_or_else(|| {
