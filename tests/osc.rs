@@ -356,3 +356,63 @@ fn a_status_query_is_answered_to_the_sender_and_errors_too() {
     assert!(d.stop().success());
     let _ = std::fs::remove_file(Path::new(&client_path));
 }
+
+/// A flood of valid changes with long blocks (4096 frames: each waits about a second for its
+/// frame) fills the workers' control rings: the excess is Busy, which over OSC is a dropped,
+/// counted message (`osc_dropped`, `control_busy`) with an `/engine/error` answer where the
+/// sender can take one; every datagram is accounted for, no worker is replaced, and what was
+/// accepted is all played.
+#[test]
+fn a_flood_that_fills_the_control_rings_is_dropped_and_counted() {
+    let bus = PrivateBus::start();
+    let dir = OpenDir::new("osc-busy");
+    let sock = dir.0.join("osc.sock");
+    let mut d = Daemon::start(&bus, "osc-busy", &["--osc-socket", sock.to_str().unwrap(), "--block-frames", "4096"]);
+    let conn = bus.connection();
+    let p = proxy(&conn);
+    let client_path = dir.0.join("client.sock");
+    let client = UnixDatagram::bind(&client_path).unwrap();
+    // Blocking sends: the kernel holds a sender back while the daemon's queue is full, so no
+    // datagram is lost on the way and each one must show up in the counts.
+    const N: u64 = 8000;
+    for i in 0..N {
+        let hz = 100.0 + (i % 1000) as f32;
+        client.send_to(&encode("/engine/frequency", vec![OscType::Float(hz)]), &sock).unwrap();
+    }
+    let m = |k: &str| get_u64(&p.get_metrics().unwrap(), k);
+    wait_until("every datagram counted", Duration::from_secs(10), || m("osc_received") == N);
+    let dropped = m("osc_dropped");
+    assert!(dropped > 0, "8000 changes in a row never filled a ring:\n{}", d.log_text());
+    assert_eq!(m("osc_rejected"), 0, "valid changes are not rejected");
+    assert_eq!(m("control_busy"), dropped, "each drop is a Busy");
+    let accepted = N - dropped;
+    assert_eq!(m("control_received"), accepted);
+    // The sender heard why (rate-limited answers: at least one).
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = client.recv(&mut buf).expect("an /engine/error answer");
+    match rosc::decoder::decode_udp(&buf[..n]).unwrap().1 {
+        OscPacket::Message(msg) => {
+            assert_eq!(msg.addr, "/engine/error");
+            assert!(matches!(&msg.args[1], OscType::String(s) if s.contains("busy")), "{:?}", msg.args);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Every accepted change is heard once the output passes its frame.
+    wait_until("every accepted change played", Duration::from_secs(10), || {
+        m("control_applied") + m("control_coalesced") == accepted
+    });
+    let metrics = p.get_metrics().unwrap();
+    assert_eq!(get_u64(&metrics, "crash_count"), 0, "no worker replaced");
+    assert_eq!(get_u64(&metrics, "control_undelivered"), 0, "no worker missed a change");
+    assert_eq!(get_u64(&metrics, "underruns"), 0);
+    // The journal: a few lines a second, then the count of the rest (said with the next
+    // message after the second: a status query here).
+    client.send_to(&encode("/engine/status", vec![]), &sock).unwrap();
+    wait_until("the count of the lines not logged", Duration::from_secs(5), || {
+        d.log_text().contains("more OSC messages were not logged")
+    });
+    let lines = d.log_text().lines().filter(|l| l.contains("OSC /engine/frequency")).count();
+    assert!(lines <= 100, "{lines} journal lines for {N} messages: not rate-limited");
+    assert!(d.stop().success());
+}

@@ -438,9 +438,18 @@ fn the_sandbox_lets_the_control_socket_and_the_prometheus_textfile_be_written() 
     let shm = shm_dir("rw");
     let prom = format!("{textfile_dir}/audiowarden-test-{}.prom", std::process::id());
     let sock = "/run/xrt/audiowarden/control.sock";
-    install(&h, shm.0.to_str().unwrap(), &format!("--control-socket {sock} --prometheus-textfile {prom}"), "");
+    // And --osc-listen, which cannot work in a unit without IP sockets: it must say so.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let args = format!("--control-socket {sock} --prometheus-textfile {prom} --osc-listen 127.0.0.1:{port}");
+    install(&h, shm.0.to_str().unwrap(), &args, "");
     start(&h);
     assert_eq!(h.show(UNIT, "ProtectSystem"), "strict");
+    let journal = h.journal(&["-u", UNIT, "--no-pager"]);
+    assert!(
+        journal.contains(&format!("no OSC on UDP 127.0.0.1:{port}"))
+            && journal.contains("enable audiowarden-osc-udp.socket instead"),
+        "--osc-listen under the unit says why it cannot work:\n{journal}"
+    );
     let out = h.run(&["/run/aw-bin/audiowardenctl", "--socket", sock, "status"]);
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("audiowarden running"),
