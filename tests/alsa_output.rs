@@ -80,6 +80,9 @@ fn three_kills_are_inaudible(output: &str) {
     assert_eq!(device_metric(&m), output);
     assert_eq!(get_u64(&m, "period_frames"), 64);
     let mut rng = Rng::new();
+    // The witness of machine stalls: a device buffer (4 periods, 5.3 ms) runs dry in a stall
+    // of the whole machine whatever our priorities (TESTING.md: these VMs stall for several ms).
+    let probe = common::stall::StallProbe::start();
     let t0 = std::time::Instant::now();
     for k in 1..=3 {
         std::thread::sleep(rng.range_ms(1500, 2500));
@@ -94,10 +97,21 @@ fn three_kills_are_inaudible(output: &str) {
     }
     std::thread::sleep(Duration::from_secs(10).saturating_sub(t0.elapsed()));
     let m = p.get_metrics().unwrap();
+    let stalls = probe.stop();
+    eprintln!("{output}: {}", stalls.summary());
     assert_eq!(get_u64(&m, "crash_count"), 3);
     if expect_rt() && get_bool(&m, "realtime") {
         assert_eq!(get_u64(&m, "underruns"), 0, "the engine always delivered");
-        assert_eq!(get_u64(&m, "device_xruns"), 0, "with real-time scheduling the device never ran dry");
+        // A stall seen by the SCHED_FIFO 90 probe (above every thread of ours and jackd's) of
+        // more than 3 ms (it sees a stall up to its 1 ms period short) can empty the buffer
+        // once; an xrun with no such stall is ours.
+        let machine_stalls = stalls.over_2ms.iter().filter(|&&(_, late)| late > 3_000_000).count() as u64;
+        let xruns = get_u64(&m, "device_xruns");
+        assert!(
+            xruns <= machine_stalls,
+            "with real-time scheduling the device ran dry {xruns} times, in {machine_stalls} machine stalls over 3 ms: {}",
+            stalls.summary()
+        );
     }
     assert!(d.stop().success());
     if output.starts_with("cpal:") && get_u64(&m, "device_xruns") > 0 {
