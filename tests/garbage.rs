@@ -20,12 +20,17 @@ fn fault(kind: &str, standby: StandbyMode, tag: &str) -> String {
     let marker = wav.path.with_extension("fault");
     std::env::set_var("AUDIOWARDEN_TEST_FAULT", format!("{kind}:{}", marker.display()));
     let cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), standby, 1000.0, 0.5);
+    // The witness of machine stalls (TESTING.md): the takeover fits the lookahead with
+    // real-time scheduling, not a stall of the whole VM (rehearsal r10: the output woke
+    // 7.9 ms late while a spinning worker was being judged, 3 underruns).
+    let probe = common::stall::StallProbe::start();
     let (sup, mut watch) = Watch::start(cfg.clone());
     // The first worker to render 50 blocks misbehaves: the primary or the spare.
     let faulty = watch.any_death();
     watch.replaced(faulty);
     std::thread::sleep(Duration::from_millis(700));
     let m = sup.metrics();
+    let stalls = probe.stop();
     sup.shutdown().unwrap();
     std::env::remove_var("AUDIOWARDEN_TEST_FAULT");
     assert!(marker.exists(), "the fault never fired");
@@ -42,8 +47,14 @@ fn fault(kind: &str, standby: StandbyMode, tag: &str) -> String {
     // With real-time scheduling the takeover always fits the lookahead. Without it (CI's
     // second pass) a warm standby was once seen a period late: the stream must then still
     // continue exactly, the silent periods being exactly the underruns counted.
-    if m.realtime {
-        assert_eq!(m.underruns, 0, "{m:?}");
+    // A stall the SCHED_FIFO 90 probe saw of more than 3 ms (it sees one up to its 1 ms
+    // period short) eats the slack a hang's detection leaves in the lookahead: underruns then
+    // are the machine's, and the capture below must still account for each of them.
+    let machine_stalled = stalls.over_2ms.iter().any(|&(_, late)| late > 3_000_000);
+    if m.realtime && !machine_stalled {
+        assert_eq!(m.underruns, 0, "{m:?}; {}", stalls.summary());
+    } else if m.underruns > 0 {
+        eprintln!("{tag}: {} underruns during a machine stall: {}", m.underruns, stalls.summary());
     }
     let skipped = assert_matches_reference(&wav.path, &cfg, &[], true);
     assert_eq!(skipped as u64, m.underruns, "silent blocks in the capture vs underruns counted");
