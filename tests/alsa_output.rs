@@ -105,7 +105,7 @@ fn three_kills_are_inaudible(output: &str) {
         // A stall seen by the SCHED_FIFO 90 probe (above every thread of ours and jackd's) of
         // more than 3 ms (it sees a stall up to its 1 ms period short) can empty the buffer
         // once; an xrun with no such stall is ours.
-        let machine_stalls = stalls.over_2ms.iter().filter(|&&(_, late)| late > 3_000_000).count() as u64;
+        let machine_stalls = stalls.count_over(3_000_000);
         let xruns = get_u64(&m, "device_xruns");
         assert!(
             xruns <= machine_stalls,

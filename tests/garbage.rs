@@ -50,7 +50,7 @@ fn fault(kind: &str, standby: StandbyMode, tag: &str) -> String {
     // A stall the SCHED_FIFO 90 probe saw of more than 3 ms (it sees one up to its 1 ms
     // period short) eats the slack a hang's detection leaves in the lookahead: underruns then
     // are the machine's, and the capture below must still account for each of them.
-    let machine_stalled = stalls.over_2ms.iter().any(|&(_, late)| late > 3_000_000);
+    let machine_stalled = stalls.count_over(3_000_000) > 0;
     if m.realtime && !machine_stalled {
         assert_eq!(m.underruns, 0, "{m:?}; {}", stalls.summary());
     } else if m.underruns > 0 {

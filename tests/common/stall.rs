@@ -111,6 +111,12 @@ impl Drop for StallProbe {
 }
 
 impl Stalls {
+    /// Wake-ups later than `ns` (at least 2 ms: shorter ones are not kept). The probe sees a
+    /// stall up to its 1 ms period short.
+    pub fn count_over(&self, ns: u64) -> u64 {
+        self.over_2ms.iter().filter(|&&(_, late)| late > ns).count() as u64
+    }
+
     pub fn summary(&self) -> String {
         format!(
             "stall probe (realtime {}): {} periods, max late {:.1} ms ({}), {} wake-ups > 2 ms late",
