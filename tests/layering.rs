@@ -111,3 +111,40 @@ fn modules_depend_only_downwards_and_never_in_a_circle() {
         assert!(!g[m].contains("supervisor"), "{m} reaches into the supervisor");
     }
 }
+
+/// Item 1 of the layering: what the output thread (and cpal's callback) and the worker can
+/// reach holds no lock. The modules they are built from (and everything below them but sys,
+/// which defines the PI mutex the supervisor uses) name no lock type outside their unit tests.
+#[test]
+fn the_audio_side_modules_name_no_lock_type() {
+    const AUDIO_SIDE: &[&str] = &["output", "worker", "playback", "config", "metrics", "shm", "engine"];
+    const LOCKS: &[&str] = &["Mutex", "RwLock", "Condvar", "Barrier", "PiMutex"];
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut checked = 0;
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let rel = p.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+            let module = rel.split('/').next().unwrap().trim_end_matches(".rs");
+            if !rel.ends_with(".rs") || !AUDIO_SIDE.contains(&module) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            // Unit tests (a trailing `#[cfg(test)]` module) may use locks to drive the code.
+            let product = text.split("#[cfg(test)]").next().unwrap_or("");
+            for (n, line) in product.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                for lock in LOCKS {
+                    assert!(!code.contains(lock), "src/{rel}:{}: the audio side names a lock: {line}", n + 1);
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 10, "only {checked} audio-side files found under src/");
+}
