@@ -204,7 +204,8 @@ pub struct ControlStats {
     pub cancelled: u64,
 }
 
-/// The oscillator plus its queue of pending control messages.
+/// The oscillator plus its queue of pending control messages (and, when kept, the log of
+/// applied ones that [`Engine::rewind`] needs).
 pub struct Engine {
     state: EngineState,
     sample_rate: f64,
@@ -212,7 +213,56 @@ pub struct Engine {
     pending: Box<[ControlMsg]>,
     pending_head: usize,
     pending_len: usize,
+    applied: AppliedLog,
     pub stats: ControlStats,
+}
+
+/// Why [`Engine::rewind`] refused (and left the engine as it was).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewindError {
+    /// The state is later than the engine's (frame or last applied message).
+    Ahead,
+    /// A message applied after the state is no longer kept (forgotten as played, dropped from
+    /// a full log, or no log kept at all): rendering again would leave it out.
+    Forgotten { needed_after: u64, kept_after: u64 },
+    /// The pending queue has no room for the messages that would be queued again.
+    QueueFull,
+}
+
+/// The control messages the engine applied, oldest first, each with the frame it took effect
+/// at, kept until [`Engine::forget_played`] says the output has played past them. Empty (and
+/// unallocated) unless [`Engine::keep_applied`] was called.
+struct AppliedLog {
+    msgs: Box<[(u64, ControlMsg)]>,
+    head: usize,
+    len: usize,
+    /// The newest sequence number no longer kept (0: none dropped).
+    forgotten_seq: u64,
+}
+
+impl AppliedLog {
+    fn push(&mut self, frame: u64, m: ControlMsg) {
+        let cap = self.msgs.len();
+        if cap == 0 {
+            self.forgotten_seq = m.seq;
+            return;
+        }
+        if self.len == cap {
+            self.forgotten_seq = self.msgs[self.head].1.seq;
+            self.head = (self.head + 1) % cap;
+            self.len -= 1;
+        }
+        self.msgs[(self.head + self.len) % cap] = (frame, m);
+        self.len += 1;
+    }
+
+    fn newest(&self) -> Option<ControlMsg> {
+        (self.len > 0).then(|| self.msgs[(self.head + self.len - 1) % self.msgs.len()].1)
+    }
+
+    fn pop_newest(&mut self) {
+        self.len -= 1;
+    }
 }
 
 /// Length of the frequency glide and the gain ramp: 5 ms, long enough to be click-free,
@@ -231,8 +281,68 @@ impl Engine {
             pending: vec![ControlMsg::new(0, 0, ControlKind::SetGain, 0.0); PENDING_CAPACITY].into_boxed_slice(),
             pending_head: 0,
             pending_len: 0,
+            applied: AppliedLog { msgs: Box::new([]), head: 0, len: 0, forgotten_seq: 0 },
             stats: ControlStats::default(),
         }
+    }
+
+    /// Keeps the last `capacity` applied messages, so that [`Engine::rewind`] can render
+    /// again from an earlier block's state. Allocates: call it before rendering starts. Not
+    /// used by the workers yet (issue 15's rewind protocol is not wired).
+    pub fn keep_applied(&mut self, capacity: usize) {
+        let empty = (0, ControlMsg::new(0, 0, ControlKind::SetGain, 0.0));
+        self.applied = AppliedLog {
+            msgs: vec![empty; capacity].into_boxed_slice(),
+            head: 0,
+            len: 0,
+            forgotten_seq: self.state.last_seq,
+        };
+    }
+
+    /// The output has played every frame before `frame`: no rewind will go back before it, so
+    /// the messages applied before it need not be kept.
+    pub fn forget_played(&mut self, frame: u64) {
+        let log = &mut self.applied;
+        while log.len > 0 && log.msgs[log.head].0 < frame {
+            log.forgotten_seq = log.msgs[log.head].1.seq;
+            log.head = (log.head + 1) % log.msgs.len();
+            log.len -= 1;
+        }
+    }
+
+    /// Goes back to `to`, the state at the start of an earlier block this engine rendered
+    /// (as committed with it), and queues again the messages applied since, so that the next
+    /// renders repeat that block and the following ones bit-exactly, or differ only by
+    /// messages enqueued after the rewind. No allocation: it may run in the render loop.
+    ///
+    /// # Errors
+    /// [`RewindError`]; the engine is then unchanged.
+    pub fn rewind(&mut self, to: EngineState) -> Result<(), RewindError> {
+        if to.frame > self.state.frame || to.last_seq > self.state.last_seq {
+            return Err(RewindError::Ahead);
+        }
+        // The log keeps a suffix of what was applied: complete back to `to` unless something
+        // newer than `to` was dropped from it.
+        if self.applied.forgotten_seq > to.last_seq {
+            return Err(RewindError::Forgotten { needed_after: to.last_seq, kept_after: self.applied.forgotten_seq });
+        }
+        let again = (0..self.applied.len)
+            .map(|k| self.applied.msgs[(self.applied.head + k) % self.applied.msgs.len()].1.seq)
+            .filter(|&seq| seq > to.last_seq)
+            .count();
+        if self.pending_len + again > self.pending.len() {
+            return Err(RewindError::QueueFull);
+        }
+        // Newest first onto the front of the queue: it stays in sequence order.
+        while let Some(m) = self.applied.newest().filter(|m| m.seq > to.last_seq) {
+            self.applied.pop_newest();
+            let cap = self.pending.len();
+            self.pending_head = (self.pending_head + cap - 1) % cap;
+            self.pending[self.pending_head] = m;
+            self.pending_len += 1;
+        }
+        self.state = to;
+        Ok(())
     }
 
     /// Pins the pending-message queue in memory (the render loop touches it every block).
@@ -248,6 +358,9 @@ impl Engine {
     /// Replaces the state (a standby taking over) and drops pending messages it already covers.
     pub fn set_state(&mut self, state: EngineState) {
         self.state = state;
+        // What this engine applied before is not in the new state's history.
+        self.applied.len = 0;
+        self.applied.forgotten_seq = state.last_seq;
         while let Some(m) = self.front() {
             if m.seq > self.state.last_seq {
                 break;
@@ -343,6 +456,7 @@ impl Engine {
                 }
                 self.pop();
                 self.apply(m);
+                self.applied.push(self.state.frame, m);
             }
             let s = &mut self.state;
             if s.freq_ramp_left > 0 {
@@ -481,5 +595,133 @@ mod tests {
         // A 1 kHz sine moves at most 2*pi*1000/48000 ~ 0.131 per sample at full scale.
         let max_step = out.chunks(2).zip(out.chunks(2).skip(1)).map(|(a, b)| (a[0] - b[0]).abs()).fold(0.0, f32::max);
         assert!(max_step < 0.14, "click: step {max_step}");
+    }
+
+    /// Renders `blocks` blocks of `block` frames into `out` from block `first` on, recording
+    /// the state each block started from in `starts`.
+    fn render_blocks(
+        e: &mut Engine,
+        out: &mut [f32],
+        starts: &mut [EngineState],
+        first: usize,
+        blocks: usize,
+        block: usize,
+    ) {
+        for b in first..first + blocks {
+            starts[b] = *e.state();
+            e.render(&mut out[b * block * CHANNELS..(b + 1) * block * CHANNELS]);
+        }
+    }
+
+    fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    #[test]
+    fn a_rewind_renders_the_same_blocks_again_bit_exactly() {
+        let (sr, block, blocks) = (48_000, 64, 64);
+        let msgs = [
+            ControlMsg::new(1, 1000, ControlKind::SetFrequency, 880.0),
+            ControlMsg::new(2, 1500, ControlKind::SetGain, 0.1),
+            ControlMsg::new(3, 2100, ControlKind::SetFrequency, 330.0),
+        ];
+        let reference = render_reference(sr, 440.0, 0.5, &msgs, blocks * block, block);
+        let mut e = Engine::new(sr, EngineState::initial(440.0, 0.5, ramp_frames(sr)));
+        e.keep_applied(16);
+        msgs.iter().for_each(|m| assert!(e.enqueue(*m)));
+        let mut out = vec![0.0f32; blocks * block * CHANNELS];
+        let mut starts = vec![*e.state(); blocks];
+        render_blocks(&mut e, &mut out, &mut starts, 0, 40, block);
+        assert_eq!(e.state().last_seq, 3);
+        // Back before all three messages, between the first two, and after the last, each
+        // time rendering on to the end: what plays is the straight render.
+        for back_to in [10, 20, 35, 30] {
+            let mut again = out.clone();
+            again[back_to * block * CHANNELS..].fill(f32::NAN);
+            e.rewind(starts[back_to]).unwrap();
+            assert_eq!(e.state(), &starts[back_to]);
+            render_blocks(&mut e, &mut again, &mut starts, back_to, blocks - back_to, block);
+            assert!(bits_equal(&again, &reference), "rewound to block {back_to}: not bit-exact");
+            out = again;
+        }
+        assert_eq!(e.stats.late, 0);
+    }
+
+    /// What a rewind is for: a change stamped inside blocks already rendered (not yet played)
+    /// sounds exactly as if it had been known before they were rendered.
+    #[test]
+    fn a_change_for_an_already_rendered_block_is_rendered_in_by_a_rewind() {
+        let (sr, block, blocks) = (48_000, 64, 64);
+        let m1 = ControlMsg::new(1, 1000, ControlKind::SetFrequency, 880.0);
+        let m2 = ControlMsg::new(2, 1200, ControlKind::SetGain, 0.2);
+        let reference = render_reference(sr, 440.0, 0.5, &[m1, m2], blocks * block, block);
+        let mut e = Engine::new(sr, EngineState::initial(440.0, 0.5, ramp_frames(sr)));
+        e.keep_applied(16);
+        assert!(e.enqueue(m1));
+        let mut out = vec![0.0f32; blocks * block * CHANNELS];
+        let mut starts = vec![*e.state(); blocks];
+        render_blocks(&mut e, &mut out, &mut starts, 0, 32, block);
+        // The output has played up to block 16; m2 arrives for frame 1200 (block 18).
+        e.forget_played(16 * block as u64);
+        let b = (m2.apply_at / block as u64) as usize;
+        e.rewind(starts[b]).unwrap();
+        assert!(e.enqueue(m2));
+        render_blocks(&mut e, &mut out, &mut starts, b, blocks - b, block);
+        assert!(bits_equal(&out, &reference), "the rewound stream is not the straight render with m2 known");
+        assert_eq!((e.state().last_seq, e.stats.late), (2, 0));
+    }
+
+    #[test]
+    fn a_rewind_that_would_lose_a_message_is_refused_and_changes_nothing() {
+        let (sr, block) = (48_000, 64);
+        let m1 = ControlMsg::new(1, 100, ControlKind::SetFrequency, 880.0);
+        let start = EngineState::initial(440.0, 0.5, ramp_frames(sr));
+        let mut buf = [0.0f32; 64 * CHANNELS];
+        // No log kept: a rewind across an applied message would drop it.
+        let mut e = Engine::new(sr, start);
+        assert!(e.enqueue(m1));
+        let after_first = {
+            e.render(&mut buf);
+            *e.state()
+        };
+        e.render(&mut buf);
+        e.render(&mut buf);
+        let now = *e.state();
+        assert_eq!(now.last_seq, 1);
+        assert_eq!(e.rewind(start), Err(RewindError::Forgotten { needed_after: 0, kept_after: 1 }));
+        assert_eq!(e.state(), &now);
+        // ... but back to a block after it is fine, and so is a state that is not earlier.
+        assert_eq!(e.rewind(now), Ok(()));
+        let later = {
+            let mut f = Engine::new(sr, now);
+            f.render(&mut buf);
+            *f.state()
+        };
+        assert_eq!(e.rewind(later), Err(RewindError::Ahead));
+        // With a log, what the output has played is forgotten, and no rewind may go before it.
+        let mut e = Engine::new(sr, start);
+        e.keep_applied(4);
+        assert!(e.enqueue(m1));
+        e.render(&mut buf);
+        e.render(&mut buf);
+        e.render(&mut buf);
+        assert_eq!(e.rewind(after_first), Ok(()), "m1 (frame 100, block 1) is still kept");
+        e.render(&mut buf);
+        e.render(&mut buf);
+        e.forget_played(2 * block as u64);
+        assert!(matches!(e.rewind(after_first), Err(RewindError::Forgotten { .. })));
+        // A full pending queue cannot take the applied messages back.
+        let mut e = Engine::new(sr, start);
+        e.keep_applied(4);
+        assert!(e.enqueue(m1));
+        e.render(&mut buf);
+        e.render(&mut buf);
+        for seq in 2..=PENDING_CAPACITY as u64 + 1 {
+            assert!(e.enqueue(ControlMsg::new(seq, 1 << 40, ControlKind::SetGain, 0.1)));
+        }
+        assert!(!e.can_accept());
+        let before = *e.state();
+        assert_eq!(e.rewind(start), Err(RewindError::QueueFull));
+        assert_eq!(e.state(), &before);
     }
 }
