@@ -33,10 +33,10 @@ fn layer(module: &str) -> usize {
         .unwrap_or_else(|| panic!("module {module} is in no layer of tests/layering.rs"))
 }
 
-/// Top-level module -> the top-level modules its files name through `crate::`.
-fn graph() -> BTreeMap<String, BTreeSet<String>> {
+/// Every `.rs` file under `src/`: (path relative to `src/`, text).
+fn src_files() -> Vec<(String, String)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut files = Vec::new();
     let mut stack = vec![src.clone()];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).unwrap() {
@@ -46,31 +46,41 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
                 continue;
             }
             let rel = p.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
-            if !rel.ends_with(".rs") || rel == "main.rs" || rel == "lib.rs" || rel.starts_with("bin/") {
-                continue;
+            if rel.ends_with(".rs") {
+                files.push((rel, std::fs::read_to_string(&p).unwrap()));
             }
-            let module = rel.split('/').next().unwrap().trim_end_matches(".rs").to_owned();
-            let text = std::fs::read_to_string(&p).unwrap();
-            let deps = g.entry(module.clone()).or_default();
-            for line in text.lines() {
-                let code = line.split("//").next().unwrap_or("");
-                for (i, _) in code.match_indices("crate::") {
-                    let rest = &code[i + "crate::".len()..];
-                    let names: Vec<&str> = match rest.strip_prefix('{') {
-                        Some(group) => group
-                            .split('}')
-                            .next()
-                            .unwrap_or("")
-                            .split(',')
-                            .map(|n| n.trim().split("::").next().unwrap_or(""))
-                            .collect(),
-                        None => vec![rest.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or("")],
-                    };
-                    for n in names {
-                        // Modules are lower case; `crate::Config` and friends are re-exports.
-                        if n.starts_with(|c: char| c.is_ascii_lowercase()) && n != module {
-                            deps.insert(n.to_owned());
-                        }
+        }
+    }
+    files
+}
+
+/// Top-level module -> the top-level modules its files name through `crate::`.
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (rel, text) in src_files() {
+        if rel == "main.rs" || rel == "lib.rs" || rel.starts_with("bin/") {
+            continue;
+        }
+        let module = rel.split('/').next().unwrap().trim_end_matches(".rs").to_owned();
+        let deps = g.entry(module.clone()).or_default();
+        for line in text.lines() {
+            let code = line.split("//").next().unwrap_or("");
+            for (i, _) in code.match_indices("crate::") {
+                let rest = &code[i + "crate::".len()..];
+                let names: Vec<&str> = match rest.strip_prefix('{') {
+                    Some(group) => group
+                        .split('}')
+                        .next()
+                        .unwrap_or("")
+                        .split(',')
+                        .map(|n| n.trim().split("::").next().unwrap_or(""))
+                        .collect(),
+                    None => vec![rest.split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or("")],
+                };
+                for n in names {
+                    // Modules are lower case; `crate::Config` and friends are re-exports.
+                    if n.starts_with(|c: char| c.is_ascii_lowercase()) && n != module {
+                        deps.insert(n.to_owned());
                     }
                 }
             }
@@ -119,32 +129,21 @@ fn modules_depend_only_downwards_and_never_in_a_circle() {
 fn the_audio_side_modules_name_no_lock_type() {
     const AUDIO_SIDE: &[&str] = &["output", "worker", "playback", "config", "metrics", "shm", "engine"];
     const LOCKS: &[&str] = &["Mutex", "RwLock", "Condvar", "Barrier", "PiMutex"];
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut checked = 0;
-    let mut stack = vec![src.clone()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-                continue;
-            }
-            let rel = p.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
-            let module = rel.split('/').next().unwrap().trim_end_matches(".rs");
-            if !rel.ends_with(".rs") || !AUDIO_SIDE.contains(&module) {
-                continue;
-            }
-            let text = std::fs::read_to_string(&p).unwrap();
-            // Unit tests (a trailing `#[cfg(test)]` module) may use locks to drive the code.
-            let product = text.split("#[cfg(test)]").next().unwrap_or("");
-            for (n, line) in product.lines().enumerate() {
-                let code = line.split("//").next().unwrap_or("");
-                for lock in LOCKS {
-                    assert!(!code.contains(lock), "src/{rel}:{}: the audio side names a lock: {line}", n + 1);
-                }
-            }
-            checked += 1;
+    for (rel, text) in src_files() {
+        let module = rel.split('/').next().unwrap().trim_end_matches(".rs");
+        if !AUDIO_SIDE.contains(&module) {
+            continue;
         }
+        // Unit tests (a trailing `#[cfg(test)]` module) may use locks to drive the code.
+        let product = text.split("#[cfg(test)]").next().unwrap_or("");
+        for (n, line) in product.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for lock in LOCKS {
+                assert!(!code.contains(lock), "src/{rel}:{}: the audio side names a lock: {line}", n + 1);
+            }
+        }
+        checked += 1;
     }
     assert!(checked >= 10, "only {checked} audio-side files found under src/");
 }
