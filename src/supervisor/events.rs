@@ -254,7 +254,7 @@ impl EventThread {
     }
 
     fn handle(&mut self, r: Report) {
-        self.record(&r);
+        self.record_distributions_locked(&r);
         log(&r);
         if let Some(ev) = public(&r) {
             let mut subs = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
@@ -264,7 +264,7 @@ impl EventThread {
     }
 
     /// The distributions GetMetrics reports (a lock: here, never on the monitor).
-    fn record(&self, r: &Report) {
+    fn record_distributions_locked(&self, r: &Report) {
         let ms = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1e6;
         match *r {
             Report::Died { detected_ns, handled_ns, .. } => {
