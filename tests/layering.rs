@@ -147,3 +147,23 @@ fn the_audio_side_modules_name_no_lock_type() {
     }
     assert!(checked >= 10, "only {checked} audio-side files found under src/");
 }
+
+/// The monitor thread (FIFO, the takeover path) and what the output and render loops run
+/// never log: their events go to the event thread, which logs them (issue 11 item 7).
+#[test]
+fn the_monitor_and_the_audio_path_never_log() {
+    const SILENT: &[&str] =
+        &["supervisor/monitor.rs", "supervisor/spawn.rs", "playback.rs", "engine.rs", "shm/ring.rs", "shm/control.rs"];
+    const LOGGING: &[&str] = &["tracing::", "info!(", "warn!(", "error!(", "debug!(", "println!", "eprintln!"];
+    let files = src_files();
+    for silent in SILENT {
+        let (_, text) = files.iter().find(|(rel, _)| rel == silent).unwrap_or_else(|| panic!("src/{silent} is gone"));
+        let product = text.split("#[cfg(test)]").next().unwrap_or("");
+        for (n, line) in product.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for log in LOGGING {
+                assert!(!code.contains(log), "src/{silent}:{}: logs on a real-time path: {line}", n + 1);
+            }
+        }
+    }
+}
