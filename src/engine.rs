@@ -248,12 +248,16 @@ impl AppliedLog {
             return;
         }
         if self.len == cap {
-            self.forgotten_seq = self.msgs[self.head].1.seq;
-            self.head = (self.head + 1) % cap;
-            self.len -= 1;
+            self.forget_oldest();
         }
         self.msgs[(self.head + self.len) % cap] = (frame, m);
         self.len += 1;
+    }
+
+    fn forget_oldest(&mut self) {
+        self.forgotten_seq = self.msgs[self.head].1.seq;
+        self.head = (self.head + 1) % self.msgs.len();
+        self.len -= 1;
     }
 
     fn newest(&self) -> Option<ControlMsg> {
@@ -304,9 +308,7 @@ impl Engine {
     pub fn forget_played(&mut self, frame: u64) {
         let log = &mut self.applied;
         while log.len > 0 && log.msgs[log.head].0 < frame {
-            log.forgotten_seq = log.msgs[log.head].1.seq;
-            log.head = (log.head + 1) % log.msgs.len();
-            log.len -= 1;
+            log.forget_oldest();
         }
     }
 
