@@ -98,7 +98,12 @@ fn spawn_dbus_daemon(conf: &Path, sock: &Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn dbus-daemon");
-    wait_until("the private bus socket", Duration::from_secs(5), || sock.exists());
+    // Until a connect succeeds, not until the file exists: dbus-daemon binds the socket (the
+    // file appears) before it listens, and a connect in between is refused (rehearsal r23:
+    // ECONNREFUSED on a loaded machine).
+    wait_until("the private bus socket", Duration::from_secs(5), || {
+        std::os::unix::net::UnixStream::connect(sock).is_ok()
+    });
     child
 }
 
