@@ -22,6 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::config::OutputSpec;
+use crate::engine::EngineState;
 use crate::playback::{Playback, PlaybackSettings};
 use crate::sys;
 
@@ -468,6 +469,23 @@ impl Player {
         self
     }
 
+    /// Copies block `pos` from the first ring (the active one first) that holds a valid one.
+    /// It freezes the block in every ring before copying it from one: from here on no worker
+    /// can replace it (a rewrite fails), so the copy is never torn and every ring's block
+    /// `pos` is the one its worker continues from.
+    fn take(sh: &Playback, block: &mut [f32], pos: u64) -> Option<EngineState> {
+        sh.table.for_each(|w| {
+            w.ring.freeze(pos);
+            true
+        });
+        let mut played = None;
+        sh.table.for_each(|w| {
+            played = w.ring.read_block(pos, block);
+            played.is_none()
+        });
+        played
+    }
+
     /// Takes block `pos` from the first ring that holds a valid one (or silence: an underrun,
     /// and `pos` stays), advances the stream, frees the slot in every ring and wakes the
     /// writers. `now`: when this block starts playing (CLOCK_MONOTONIC).
@@ -482,12 +500,7 @@ impl Player {
         let sh = &*self.sh;
         let bf = sh.settings.block_frames as u64;
         let pos = sh.position.blocks();
-        let mut played = None;
-        let block = &mut self.block;
-        sh.table.for_each(|w| {
-            played = w.ring.read_block(pos, block);
-            played.is_none()
-        });
+        let played = Player::take(sh, &mut self.block, pos);
         match played {
             Some(state) => {
                 // Position and its start time change together for readers (a seqlock).

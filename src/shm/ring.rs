@@ -3,9 +3,9 @@
 //!
 //! ```text
 //! header (cache-line separated fields)          slots[block % slots]
-//!   geometry (written once by the supervisor)     EngineState at the end of the block
-//!   command + handoff   supervisor -> worker      block_frames * 2 f32 samples
-//!   read_index          output thread -> worker
+//!   geometry (written once by the supervisor)     tag: block, version, frozen
+//!   command + handoff   supervisor -> worker      half 0: EngineState + block_frames * 2 f32
+//!   read_index          output thread -> worker   half 1: EngineState + block_frames * 2 f32
 //!   write_index         worker -> supervisor (also the heartbeat)
 //!   status              worker -> supervisor
 //! ```
@@ -17,12 +17,26 @@
 //! Ordering: the worker fills a slot, then publishes it with a Release store of `write_index`;
 //! the reader's Acquire load of `write_index` makes the slot's contents visible. The reader
 //! publishes consumption with a Release store of `read_index`; the worker's Acquire load of it
-//! lets it reuse those slots. A slot is only rewritten once `read_index` has passed it.
+//! lets it reuse those slots. A slot is recycled only once `read_index` has passed it.
+//!
+//! Rewrites (issue 15): a worker may replace a block it has committed, as long as the output
+//! has not frozen it. The write index never moves backwards, so the heartbeat, the room
+//! computation and batching do not see rewrites at all.
+//! - The slot's tag says which block it holds, which version of it (a rewrite adds one; the
+//!   version's parity is the half that holds it) and whether the output has frozen it.
+//! - A rewrite renders into the other half and publishes it with a compare-and-swap of the
+//!   tag, which fails once the slot is frozen. Until then the old version stays playable.
+//! - The output freezes block `pos` (an atomic OR) in every ring before it copies one: from
+//!   then on no worker can replace it. A ring that does not hold `pos` yet gets a frozen
+//!   tombstone for it, so the block is born frozen when it comes.
+//! - Every reader is a seqlock reader: it reads the tag, the half, and the tag again, and a
+//!   change means "moved", never "invalid". The version (15 bits) keeps a slot rewritten
+//!   twice under a slow reader (back in the same half) from reading as unchanged.
 
 use std::cell::UnsafeCell;
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 use super::{cache_align, Mapping, LAYOUT_VERSION, MAGIC_AUDIO};
 use crate::engine::{EngineState, CHANNELS};
@@ -90,6 +104,70 @@ struct Header {
 
 const STATE_BYTES: usize = std::mem::size_of::<EngineState>();
 
+/// The first cache line of every slot holds its tag; the two halves follow.
+const TAG_BYTES: usize = 64;
+const FROZEN: u64 = 1;
+const VERSION_MASK: u64 = (1 << 15) - 1;
+const BLOCK_SHIFT: u32 = 16;
+const BLOCK_MASK: u64 = (1 << (64 - BLOCK_SHIFT)) - 1;
+/// How often the output retries freezing a slot whose tag keeps changing under it: a worker
+/// changes a tag at most once per block it renders, so a tag that changes more often than
+/// this belongs to a broken worker, whose block is then not played.
+const FREEZE_TRIES: usize = 8;
+
+/// A slot's tag word: `block (48 bits) << 16 | version (15 bits) << 1 | frozen`. Block
+/// numbers are compared modulo 2^48 (at 64 frames and 48 kHz, that wraps after 186 000
+/// years); the state's frame field tells the blocks apart exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tag(u64);
+
+impl Tag {
+    fn new(block: u64, version: u64, frozen: bool) -> Tag {
+        Tag(((block & BLOCK_MASK) << BLOCK_SHIFT) | ((version & VERSION_MASK) << 1) | frozen as u64)
+    }
+
+    fn names(self, block: u64) -> bool {
+        self.0 >> BLOCK_SHIFT == block & BLOCK_MASK
+    }
+
+    fn version(self) -> u64 {
+        (self.0 >> 1) & VERSION_MASK
+    }
+
+    /// The half holding this version.
+    fn half(self) -> usize {
+        (self.version() & 1) as usize
+    }
+
+    fn frozen(self) -> bool {
+        self.0 & FROZEN != 0
+    }
+
+    /// The first version after this one that lives in `half`.
+    fn next_version_in(self, half: usize) -> u64 {
+        let v = self.version() + 1;
+        v + ((v & 1) as usize != half) as u64
+    }
+}
+
+/// What a look at a committed block found.
+enum Found {
+    Playable(EngineState),
+    Invalid,
+    /// Rewritten or recycled while we looked: no verdict.
+    Moved,
+}
+
+/// Why a rewrite did not replace a block (the old version stays, and plays).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewriteRefused {
+    /// The output had frozen the block (or the ring no longer holds it): nothing was rendered.
+    Frozen,
+    /// The output froze the block while the new version was being rendered: `render` ran, but
+    /// its result was dropped.
+    FrozenWhileRendering,
+}
+
 /// Geometry of a ring. The supervisor keeps its own copy and never re-reads it from shared
 /// memory, which a worker could have scribbled over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,8 +178,12 @@ pub struct RingGeometry {
 }
 
 impl RingGeometry {
-    fn slot_stride(&self) -> usize {
+    fn half_stride(&self) -> usize {
         cache_align(STATE_BYTES + self.block_frames as usize * CHANNELS * 4)
+    }
+
+    fn slot_stride(&self) -> usize {
+        TAG_BYTES + 2 * self.half_stride()
     }
 
     fn header_size() -> usize {
@@ -214,6 +296,25 @@ impl AudioRing {
         unsafe { self.map.ptr().add(RingGeometry::header_size() + i * self.geo.slot_stride()) }
     }
 
+    /// The tag of block `block`'s slot.
+    fn tag(&self, block: u64) -> &AtomicU64 {
+        // SAFETY: the slot starts with TAG_BYTES bytes inside the mapping (see slot_ptr),
+        // 64-aligned (header size and stride are multiples of 64), and lives as long as
+        // `self`; an atomic may be shared with the other process.
+        unsafe { &*self.slot_ptr(block).cast::<AtomicU64>() }
+    }
+
+    /// Start of half `half` (0 or 1) of block `block`'s slot: its state, then its samples.
+    fn half_ptr(&self, block: u64, half: usize) -> *mut u8 {
+        // Inside the slot: TAG_BYTES + 2 * half_stride is its stride (wrapping_add: no unsafe
+        // needed to compute an address; the users' SAFETY comments cover the accesses).
+        self.slot_ptr(block).wrapping_add(TAG_BYTES + (half & 1) * self.geo.half_stride())
+    }
+
+    fn samples_ptr(&self, block: u64, half: usize) -> *mut f32 {
+        self.half_ptr(block, half).wrapping_add(STATE_BYTES).cast::<f32>()
+    }
+
     /// Pins the whole ring in memory (faulting it in).
     pub fn lock(&self) -> io::Result<()> {
         self.map.lock()
@@ -291,30 +392,75 @@ impl AudioRing {
     /// Worker: renders block `block` into its slot through `render` and publishes it.
     /// The caller guarantees `block == write_index()` and `space() > 0`.
     pub fn produce(&self, block: u64, render: impl FnOnce(&mut [f32]) -> EngineState) {
-        let slot = self.slot_ptr(block);
-        // SAFETY: the slot of `block` is not readable by the consumer (write_index <= block)
-        // and was already consumed (space > 0), so we are its only user; it holds
-        // STATE_BYTES + samples_per_block f32s, f32-aligned (stride and header are 64-aligned).
-        let samples = unsafe {
-            std::slice::from_raw_parts_mut(slot.add(STATE_BYTES).cast::<f32>(), self.geo.samples_per_block())
-        };
-        let state = render(samples);
-        // SAFETY: as above; EngineState is plain data and the slot start is 64-aligned.
-        unsafe { std::ptr::write_volatile(slot.cast::<EngineState>(), state) };
-        // Release: publishes the samples and the state written above.
+        let tag = self.tag(block);
+        let before = Tag(tag.load(Ordering::Acquire));
+        // A new block goes into half 0, unless the tag already names it: a tombstone (the
+        // output froze the block before this ring had it) or this ring's earlier run. Then it
+        // takes the other half, so that nobody reading the named version reads a torn one.
+        let half = if before.names(block) { before.half() ^ 1 } else { 0 };
+        self.render_into(block, half, render);
+        // Publish with a CAS: the output may tombstone the slot meanwhile, and a block the
+        // output has frozen stays frozen. The output changes a tag at most once per block.
+        let mut seen = before;
+        loop {
+            let next = if seen.names(block) {
+                Tag::new(block, seen.next_version_in(half), seen.frozen())
+            } else {
+                Tag::new(block, half as u64, false)
+            };
+            match tag.compare_exchange(seen.0, next.0, Ordering::Release, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => seen = Tag(now),
+            }
+        }
+        // Release: publishes the samples, the state and the tag written above.
         self.header().write_index.0.store(block + 1, Ordering::Release);
+    }
+
+    /// Worker: replaces committed block `block` with a new rendering through `render`, unless
+    /// the output has frozen it. The old version stays playable until the new one is
+    /// published, and a frozen block is never replaced (the output may be copying it).
+    pub fn rewrite(&self, block: u64, render: impl FnOnce(&mut [f32]) -> EngineState) -> Result<(), RewriteRefused> {
+        let tag = self.tag(block);
+        let current = Tag(tag.load(Ordering::Acquire));
+        if !current.names(block) || current.frozen() || !self.in_window(block, self.write_index()) {
+            return Err(RewriteRefused::Frozen);
+        }
+        // Nobody reads the other half: readers follow the tag, which names this one.
+        let half = current.half() ^ 1;
+        self.render_into(block, half, render);
+        let next = Tag::new(block, current.version() + 1, false);
+        tag.compare_exchange(current.0, next.0, Ordering::Release, Ordering::Relaxed)
+            .map(|_| ())
+            .map_err(|_| RewriteRefused::FrozenWhileRendering)
+    }
+
+    /// Renders into half `half` of block `block`'s slot; the caller has made sure no reader
+    /// follows a tag to that half (see produce and rewrite).
+    fn render_into(&self, block: u64, half: usize, render: impl FnOnce(&mut [f32]) -> EngineState) {
+        // A reader still in this half under an older version must see that version's tag
+        // change if it sees any of the writes below (pairs with the fence in `unchanged`).
+        fence(Ordering::Release);
+        // SAFETY: the half holds STATE_BYTES + samples_per_block f32s inside the slot,
+        // f32-aligned (stride, header and halves are 64-aligned); no reader follows a tag to
+        // it (the caller's duty), so we are its only user.
+        let samples =
+            unsafe { std::slice::from_raw_parts_mut(self.samples_ptr(block, half), self.geo.samples_per_block()) };
+        let state = render(samples);
+        // SAFETY: as above; EngineState is plain data and the half starts 64-aligned.
+        unsafe { std::ptr::write_volatile(self.half_ptr(block, half).cast::<EngineState>(), state) };
     }
 
     /// TEST-ONLY (the worker's fault switch): overwrites the samples of published block
     /// `block` with full-scale noise, leaving its state as it was: a stray write into memory
     /// the output may be about to play.
     pub fn test_scribble_samples(&self, block: u64) {
-        let slot = self.slot_ptr(block);
+        let samples = self.samples_ptr(block, Tag(self.tag(block).load(Ordering::Acquire)).half());
         for i in 0..self.geo.samples_per_block() {
             let v = if i % 2 == 0 { 1.0f32 } else { -1.0 };
-            // SAFETY: i < samples_per_block, inside the slot (see produce). The consumer may
-            // be copying these samples now: it validates its copy against the checksum.
-            unsafe { std::ptr::write_volatile(slot.add(STATE_BYTES).cast::<f32>().add(i), v) };
+            // SAFETY: i < samples_per_block, inside the half (see render_into). The consumer
+            // may be copying these samples now: it validates its copy against the checksum.
+            unsafe { std::ptr::write_volatile(samples.add(i), v) };
         }
     }
 
@@ -366,56 +512,116 @@ impl AudioRing {
         block < w && w - block <= self.geo.slots as u64
     }
 
-    /// Reads the state committed with `block`, if the ring holds a valid block `block`.
-    /// Untrusted memory: the state must carry the expected frame and pass its checksum.
-    pub fn committed_state(&self, block: u64) -> Option<EngineState> {
+    /// A first look at block `block`: the tag of its slot, if it names the block, and the
+    /// state of the half it names, if valid for the block (frame and checksum). The caller
+    /// must then see the tag unchanged ([`AudioRing::unchanged`]) before it trusts what it read.
+    /// Untrusted memory: any bit pattern is rejected or validated here.
+    fn look(&self, block: u64) -> Option<(Tag, EngineState)> {
         if !self.in_window(block, self.write_index()) {
             return None;
         }
-        // SAFETY: the slot lies inside the mapping; a volatile read of plain data from memory
-        // another process may be writing yields some bit pattern, which we validate below.
-        let state = unsafe { std::ptr::read_volatile(self.slot_ptr(block).cast::<EngineState>()) };
-        let expected_end = block.checked_add(1)?.checked_mul(self.geo.block_frames as u64)?;
-        if state.frame != expected_end || !state.is_valid(self.geo.sample_rate) {
+        let tag = Tag(self.tag(block).load(Ordering::Acquire));
+        if !tag.names(block) {
             return None;
         }
-        // The writer may recycle a slot once read_index has passed it, and writes the state
-        // last, so a recycled slot shows another frame or fails the checksum (rejected above);
-        // the window re-check catches a recycle that completed while we read. (The output
-        // thread reads only block == read_index, which is never recycled under it.)
-        self.in_window(block, self.write_index()).then_some(state)
+        // SAFETY: the half lies inside the mapping (see half_ptr); a volatile read of plain
+        // data from memory another process may be writing yields some bit pattern, which we
+        // validate below.
+        let state = unsafe { std::ptr::read_volatile(self.half_ptr(block, tag.half()).cast::<EngineState>()) };
+        let expected_end = block.checked_add(1)?.checked_mul(self.geo.block_frames as u64)?;
+        (state.frame == expected_end && state.is_valid(self.geo.sample_rate)).then_some((tag, state))
     }
 
-    /// Output thread: copies block `block` into `out` if this ring holds a valid one.
-    /// Real-time safe: no allocation, no lock, no syscall. The copy must match the samples'
-    /// checksum sealed in the block's state (a stray write into a published block is
+    /// After reading block `block` under `tag`: the slot still holds that version and the
+    /// block is still inside the window, so what was read was not rewritten or recycled
+    /// meanwhile (a seqlock reader's second look). A recycle still being written when we
+    /// re-look is caught by the state's frame and the checksums, as before rewrites existed.
+    fn unchanged(&self, block: u64, tag: Tag) -> bool {
+        // The reads of the half happen before the tag's second load.
+        fence(Ordering::Acquire);
+        self.tag(block).load(Ordering::Relaxed) == tag.0 && self.in_window(block, self.write_index())
+    }
+
+    /// Block `block` as this ring holds it now: playable (a valid state, samples matching its
+    /// checksum, all of one version), invalid, or moved (rewritten or recycled while we
+    /// looked: no verdict). Reads the samples in place, no copy, no allocation.
+    fn inspect(&self, block: u64) -> Found {
+        let tag = Tag(self.tag(block).load(Ordering::Acquire));
+        let state = self.look(block).filter(|&(t, s)| t == tag && self.samples_intact(block, t.half(), &s));
+        if !self.unchanged(block, tag) {
+            return Found::Moved;
+        }
+        state.map_or(Found::Invalid, |(_, s)| Found::Playable(s))
+    }
+
+    /// Reads the state committed with `block`, if the ring holds a valid block `block`.
+    /// Untrusted memory: the state must carry the expected frame and pass its checksum.
+    pub fn committed_state(&self, block: u64) -> Option<EngineState> {
+        let (tag, state) = self.look(block)?;
+        self.unchanged(block, tag).then_some(state)
+    }
+
+    /// Output thread: freezes block `block` in this ring, so that no worker can replace it
+    /// from now on. A ring that does not hold the block yet gets a frozen tombstone naming
+    /// it, so the block is born frozen when it comes. Called for every ring before the output
+    /// copies the block from one of them. Real-time safe: a few atomic operations.
+    pub fn freeze(&self, block: u64) {
+        let _ = self.freeze_tag(block);
+    }
+
+    /// [`AudioRing::freeze`], returning the frozen tag (None: it kept changing, a broken
+    /// worker).
+    fn freeze_tag(&self, block: u64) -> Option<Tag> {
+        let tag = self.tag(block);
+        let mut seen = Tag(tag.load(Ordering::Acquire));
+        for _ in 0..FREEZE_TRIES {
+            if seen.frozen() && seen.names(block) {
+                return Some(seen);
+            }
+            // The slot holds an older block (all played) or garbage: a tombstone replaces it.
+            let next = if seen.names(block) { Tag(seen.0 | FROZEN) } else { Tag::new(block, 1, true) };
+            match tag.compare_exchange(seen.0, next.0, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(next),
+                Err(now) => seen = Tag(now),
+            }
+        }
+        None
+    }
+
+    /// Output thread: freezes block `block` and copies it into `out` if this ring holds a
+    /// valid one. Real-time safe: no allocation, no lock, no syscall. The copy must match the
+    /// samples' checksum sealed in the block's state (a stray write into a published block is
     /// rejected, never played), and samples are sanitised (NaN to 0, clamped to [-1, 1]) so
     /// nothing a dying worker leaves can reach the speaker as noise.
     pub fn read_block(&self, block: u64, out: &mut [f32]) -> Option<EngineState> {
-        let state = self.committed_state(block)?;
         let n = self.geo.samples_per_block();
         let out = out.get_mut(..n)?;
-        let src = self.slot_ptr(block);
-        // SAFETY: the slot holds samples_per_block f32s after the state (see produce), and
-        // `out` holds exactly that many; a concurrent write by the worker can only change the
-        // values copied, which the checksum below catches.
-        unsafe { std::ptr::copy_nonoverlapping(src.add(STATE_BYTES).cast::<f32>(), out.as_mut_ptr(), n) };
-        if crate::engine::samples_check(out) != state.samples_check {
+        // Acquire: if the ring holds the block, its tag is visible (produce publishes it first).
+        if !self.in_window(block, self.write_index()) {
+            return None;
+        }
+        let frozen = self.freeze_tag(block)?;
+        // A frozen tag never changes again, unless the worker is broken.
+        let (tag, state) = self.look(block).filter(|&(t, _)| t == frozen)?;
+        // SAFETY: the half holds samples_per_block f32s after its state (see render_into),
+        // and `out` holds exactly that many; a write by the worker can only change the values
+        // copied, which the checksum below catches.
+        unsafe { std::ptr::copy_nonoverlapping(self.samples_ptr(block, tag.half()), out.as_mut_ptr(), n) };
+        if crate::engine::samples_check(out) != state.samples_check || !self.unchanged(block, tag) {
             return None;
         }
         for s in out.iter_mut() {
             *s = if s.is_nan() { 0.0 } else { s.clamp(-1.0, 1.0) };
         }
-        // The state is re-validated after the copy: a torn block is rejected as a whole.
-        (self.committed_state(block) == Some(state)).then_some(state)
+        Some(state)
     }
 
     /// Supervisor: some block the ring holds from `from` on (committed, inside its window) is
     /// not valid: a bad state, or samples that no longer match their sealed checksum (the
-    /// worker corrupted a block it had published). Reads the samples in place, no copy. The
-    /// caller must make sure no slot looked at could be recycled meanwhile (the output had not
-    /// passed `from` before and after the call, as for the output thread itself), or a
-    /// recycled slot reads as invalid. Real-time safe (loads and arithmetic only).
+    /// worker corrupted a block it had published). A block rewritten while we looked is not
+    /// counted. The caller must make sure no slot looked at could be recycled meanwhile (the
+    /// output had not passed `from` before and after the call, as for the output thread
+    /// itself). Real-time safe (loads and arithmetic only).
     pub fn holds_any_invalid(&self, from: u64) -> bool {
         let w = self.write_index();
         (from..w.min(from.saturating_add(self.geo.slots as u64))).any(|b| self.holds_invalid(b))
@@ -424,16 +630,13 @@ impl AudioRing {
     /// Supervisor: the ring holds block `block` (committed, inside its window) and it is not
     /// valid (see [`AudioRing::holds_any_invalid`] for the caller's duty).
     pub fn holds_invalid(&self, block: u64) -> bool {
-        if !self.in_window(block, self.write_index()) {
-            return false;
-        }
-        self.committed_state(block).is_none_or(|state| !self.samples_intact(block, &state))
+        self.in_window(block, self.write_index()) && matches!(self.inspect(block), Found::Invalid)
     }
 
-    /// Do block `block`'s samples still match the checksum sealed in its `state`? Reads them
-    /// in place (volatile: worker-writable memory), no copy, no allocation.
-    fn samples_intact(&self, block: u64, state: &EngineState) -> bool {
-        let samples = self.slot_ptr(block).wrapping_add(STATE_BYTES).cast::<f32>();
+    /// Do block `block`'s samples in half `half` still match the checksum sealed in its
+    /// `state`? Reads them in place (volatile: worker-writable memory), no copy.
+    fn samples_intact(&self, block: u64, half: usize, state: &EngineState) -> bool {
+        let samples = self.samples_ptr(block, half);
         let mut chunk = [0.0f32; 64];
         let mut h = crate::engine::SamplesCheck::new();
         let n = self.geo.samples_per_block();
@@ -441,8 +644,8 @@ impl AudioRing {
         while i < n {
             let k = (n - i).min(chunk.len());
             for (j, c) in chunk[..k].iter_mut().enumerate() {
-                // SAFETY: i + j < samples_per_block, inside the slot (see produce); a volatile
-                // read of worker-writable memory yields some bit pattern, checked below.
+                // SAFETY: i + j < samples_per_block, inside the half (see render_into); a
+                // volatile read of worker-writable memory yields some bit pattern, checked below.
                 *c = unsafe { std::ptr::read_volatile(samples.add(i + j)) };
             }
             h.add(&chunk[..k]);
@@ -465,9 +668,9 @@ impl AudioRing {
             // A block whose samples no longer match their checksum cannot be played either:
             // the run ends before it, so that a successor renders it again.
             for b in pos..w.min(limit.max(pos)) {
-                match self.committed_state(b).filter(|s| self.samples_intact(b, s)) {
-                    Some(s) => end = Some((b + 1, s)),
-                    None => break,
+                match self.inspect(b) {
+                    Found::Playable(s) => end = Some((b + 1, s)),
+                    Found::Invalid | Found::Moved => break,
                 }
             }
             // Block `pos` itself is bad: continue from the end of the block before it.
@@ -622,6 +825,8 @@ mod tests {
                     let _ = r.last_valid_state(pos);
                     let _ = r.holds_invalid(pos);
                     let _ = r.space_at(pos);
+                    r.freeze(pos);
+                    let _ = w.rewrite(pos, version_k(pos, 2));
                 }
                 let _ = w.space();
             }
@@ -648,6 +853,216 @@ mod tests {
         assert!(r.holds_invalid(2));
         assert!(!r.holds_invalid(1) && !r.holds_invalid(3));
         assert_eq!(r.handoff_state(0, u64::MAX).unwrap().0, 2, "the run of playable blocks ends before block 2");
+    }
+
+    /// A block rendered as version `k` of block `block`: every sample is `k / 2^20`, and the
+    /// state is valid for the block and sealed over those samples.
+    fn version_k(block: u64, k: u32) -> impl FnOnce(&mut [f32]) -> EngineState {
+        move |samples: &mut [f32]| {
+            samples.fill(k as f32 / (1 << 20) as f32);
+            let mut st = EngineState::initial(440.0, 0.5, 240);
+            st.frame = block.wrapping_add(1).wrapping_mul(64);
+            st.samples_check = crate::engine::samples_check(samples);
+            st.seal();
+            st
+        }
+    }
+
+    /// Spins until `done`, failing the test (not hanging it) if the other thread died.
+    fn spin_until(done: impl Fn() -> bool) {
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done() {
+            assert!(std::time::Instant::now() < give_up, "the other thread stopped");
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Which version a played copy is (all its samples must agree: a torn copy fails here).
+    fn version_of(out: &[f32]) -> u32 {
+        let k = out[0] * (1 << 20) as f32;
+        assert!(out.iter().all(|&s| s == out[0]), "a torn block was played");
+        k as u32
+    }
+
+    #[test]
+    fn a_rewrite_replaces_a_block_until_the_output_freezes_it() {
+        let (f, r, geo) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        for b in 0..4 {
+            w.produce(b, version_k(b, 1));
+        }
+        assert_eq!(w.rewrite(2, version_k(2, 2)), Ok(()));
+        assert_eq!(w.rewrite(2, version_k(2, 3)), Ok(()), "a second rewrite goes back to the first half");
+        assert_eq!(w.write_index(), 4, "a rewrite never moves the write index");
+        let mut out = vec![0.0; geo.samples_per_block()];
+        r.read_block(2, &mut out).unwrap();
+        assert_eq!(version_of(&out), 3, "the newest committed version plays");
+        assert_eq!(w.rewrite(2, version_k(2, 4)), Err(RewriteRefused::Frozen), "a block the output copied is final");
+        r.read_block(2, &mut out).unwrap();
+        assert_eq!(version_of(&out), 3);
+        // The other blocks are untouched, and still rewritable.
+        assert_eq!(w.rewrite(3, version_k(3, 5)), Ok(()));
+        assert!(!r.holds_any_invalid(0));
+    }
+
+    #[test]
+    fn the_old_version_stays_playable_while_its_rewrite_renders() {
+        let (f, r, geo) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        for b in 0..4 {
+            w.produce(b, version_k(b, 1));
+        }
+        let mut out = vec![0.0; geo.samples_per_block()];
+        // A monitor's look during the rewrite sees the old version, whole.
+        let refused = w.rewrite(1, |samples| {
+            assert!(!r.holds_invalid(1));
+            assert_eq!(r.committed_state(1).unwrap().frame, 128);
+            version_k(1, 2)(samples)
+        });
+        assert_eq!(refused, Ok(()));
+        // The output freezes the block while its next rewrite renders: the old one plays and
+        // the new one is dropped.
+        let refused = w.rewrite(1, |samples| {
+            r.read_block(1, &mut out).unwrap();
+            version_k(1, 3)(samples)
+        });
+        assert_eq!(refused, Err(RewriteRefused::FrozenWhileRendering));
+        assert_eq!(version_of(&out), 2);
+        r.read_block(1, &mut out).unwrap();
+        assert_eq!(version_of(&out), 2, "the dropped version never shows");
+        assert_eq!(r.handoff_state(1, u64::MAX).unwrap().0, 4);
+    }
+
+    /// The output looked for a block before this ring had it (a standby behind, a ring started
+    /// ahead): the block is born frozen, and plays.
+    #[test]
+    fn a_block_frozen_before_the_ring_holds_it_is_born_frozen() {
+        let (f, r, geo) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        for b in 0..4 {
+            w.produce(b, version_k(b, 1));
+        }
+        r.set_read_index(2);
+        let mut out = vec![0.0; geo.samples_per_block()];
+        // The output at block 4 freezes it in every ring, then finds none in this one (its
+        // slot holds block 0).
+        r.freeze(4);
+        assert!(r.read_block(4, &mut out).is_none());
+        r.freeze(5);
+        w.produce(4, version_k(4, 7));
+        w.produce(5, version_k(5, 8));
+        assert_eq!(w.rewrite(4, version_k(4, 9)), Err(RewriteRefused::Frozen), "born frozen");
+        assert_eq!(w.rewrite(5, version_k(5, 9)), Err(RewriteRefused::Frozen));
+        r.read_block(4, &mut out).unwrap();
+        assert_eq!(version_of(&out), 7);
+        r.read_block(5, &mut out).unwrap();
+        assert_eq!(version_of(&out), 8);
+    }
+
+    /// The race the freeze exists for, in two threads over two mappings (as between two
+    /// processes): the worker rewrites block `b` as fast as it can while the output, after a
+    /// random delay, freezes and copies it. The copy is never torn, it is exactly the last
+    /// version whose rewrite succeeded, and no rewrite succeeds after the freeze.
+    #[test]
+    fn a_block_rewritten_under_the_output_plays_whole_and_exactly_the_last_version_committed() {
+        use std::sync::atomic::AtomicBool;
+        let (f, r, geo) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        let rounds = 3000u64;
+        let (last_ok, round_done) = (AtomicU64::new(0), AtomicBool::new(false));
+        let (mut refused_while_rendering, mut refused_frozen) = (0u64, 0u64);
+        std::thread::scope(|s| {
+            let writer = s.spawn(|| {
+                let (mut during, mut after) = (0, 0);
+                for b in 0..rounds {
+                    spin_until(|| w.space() > 0);
+                    w.produce(b, version_k(b, 1));
+                    last_ok.store(1, Ordering::SeqCst);
+                    let mut k = 2;
+                    loop {
+                        match w.rewrite(b, version_k(b, k)) {
+                            Ok(()) => {
+                                assert!(k < 1 << 19, "block {b} was never frozen");
+                                last_ok.store(k as u64, Ordering::SeqCst)
+                            }
+                            Err(e) => {
+                                if e == RewriteRefused::FrozenWhileRendering {
+                                    during += 1;
+                                } else {
+                                    after += 1;
+                                }
+                                // Frozen is final: every later attempt is refused too.
+                                assert_eq!(w.rewrite(b, version_k(b, k + 1)), Err(RewriteRefused::Frozen));
+                                break;
+                            }
+                        }
+                        k += 1;
+                    }
+                    round_done.store(true, Ordering::SeqCst);
+                    spin_until(|| !round_done.load(Ordering::SeqCst));
+                }
+                (during, after)
+            });
+            let mut out = vec![0.0; geo.samples_per_block()];
+            let mut seed = 0x2545_f491_4f6c_dd1du64;
+            for b in 0..rounds {
+                spin_until(|| r.write_index() > b);
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                for _ in 0..seed % 2000 {
+                    std::hint::spin_loop();
+                }
+                let st = r.read_block(b, &mut out).expect("a block being rewritten still plays");
+                assert_eq!(st.frame, (b + 1) * 64);
+                let played = version_of(&out);
+                spin_until(|| round_done.load(Ordering::SeqCst));
+                assert_eq!(played as u64, last_ok.load(Ordering::SeqCst), "block {b}");
+                r.set_read_index(b + 1);
+                round_done.store(false, Ordering::SeqCst);
+            }
+            (refused_while_rendering, refused_frozen) = writer.join().unwrap();
+        });
+        // Every round ended in a refusal, and the freeze landed during a rewrite's render (the
+        // race itself; a freeze between rewrites is the first test's case) in some of them.
+        assert_eq!(refused_while_rendering + refused_frozen, rounds);
+        assert!(refused_while_rendering > 0, "{refused_while_rendering} during, {refused_frozen} between");
+    }
+
+    /// The monitor's scan (no freeze) runs while the worker rewrites: a block in the middle
+    /// of a rewrite, or rewritten twice under the look, is never taken for a corrupt one.
+    #[test]
+    fn a_scan_during_rewrites_never_sees_a_valid_block_as_corrupt() {
+        use std::sync::atomic::AtomicBool;
+        let (f, r, _) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        for b in 0..4 {
+            w.produce(b, version_k(b, 1));
+        }
+        let stop = AtomicBool::new(false);
+        let (mut looks, mut playable, mut corrupt) = (0u64, 0u64, 0u64);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut k = 2;
+                while !stop.load(Ordering::Relaxed) {
+                    for b in 0..4 {
+                        assert_eq!(w.rewrite(b, version_k(b, k)), Ok(()));
+                    }
+                    k = k % 1000 + 2;
+                }
+            });
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+            while std::time::Instant::now() < until {
+                for b in 0..4 {
+                    corrupt += r.holds_invalid(b) as u64;
+                    looks += 1;
+                    playable += r.committed_state(b).is_some() as u64;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(corrupt, 0, "valid blocks read as corrupt during their rewrite ({looks} looks)");
+        assert!(looks > 1000 && playable > 0, "{looks} looks, {playable} whole");
     }
 
     #[test]
