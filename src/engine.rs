@@ -291,8 +291,8 @@ impl Engine {
     }
 
     /// Keeps the last `capacity` applied messages, so that [`Engine::rewind`] can render
-    /// again from an earlier block's state. Allocates: call it before rendering starts. Not
-    /// used by the workers yet (issue 15's rewind protocol is not wired).
+    /// again from an earlier block's state. Allocates: call it before rendering starts (the
+    /// workers do, for [`crate::worker`]'s rewrites).
     pub fn keep_applied(&mut self, capacity: usize) {
         let empty = (0, ControlMsg::new(0, 0, ControlKind::SetGain, 0.0));
         self.applied = AppliedLog {
@@ -351,6 +351,10 @@ impl Engine {
     pub fn lock_memory(&self) {
         let bytes = std::mem::size_of_val(&*self.pending);
         let _ = crate::sys::mlock(self.pending.as_ptr().cast(), bytes);
+        if !self.applied.msgs.is_empty() {
+            let bytes = std::mem::size_of_val(&*self.applied.msgs);
+            let _ = crate::sys::mlock(self.applied.msgs.as_ptr().cast(), bytes);
+        }
     }
 
     pub fn state(&self) -> &EngineState {
@@ -421,6 +425,11 @@ impl Engine {
         (0..self.pending_len)
             .map(move |k| &self.pending[(self.pending_head + k) % cap])
             .take_while(move |m| m.apply_at < end)
+    }
+
+    /// The frame the first pending message is stamped for, if any is pending.
+    pub fn next_due(&self) -> Option<u64> {
+        self.front().map(|m| m.apply_at)
     }
 
     fn front(&self) -> Option<ControlMsg> {

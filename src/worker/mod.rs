@@ -11,9 +11,12 @@
 
 use std::os::fd::RawFd;
 
+mod rewind;
 mod sandbox;
 
-use crate::engine::{Engine, EngineState};
+use rewind::Rewinder;
+
+use crate::engine::{Engine, EngineState, PENDING_CAPACITY};
 use crate::shm::control::ControlRing;
 use crate::shm::ring::{AudioRing, MODE_RUN, ROLE_NONE, ROLE_PRIMARY, ROLE_RESERVE, ROLE_SPARE};
 use crate::sys::{self, EventFd};
@@ -132,9 +135,12 @@ fn run(a: WorkerArgs) -> Result<std::convert::Infallible, String> {
     // Everything the render loop touches, allocated, faulted in and locked now.
     let geo = ring.geometry();
     let mut engine = Engine::new(geo.sample_rate, EngineState::initial(440.0, 0.0, 1));
+    // The applied messages since the oldest block it holds: what a rewrite renders again.
+    engine.keep_applied(PENDING_CAPACITY);
     let mut scratch = vec![0.0f32; geo.samples_per_block()];
     engine.render(&mut scratch); // warms the code path and the caches
     engine.lock_memory();
+    let rewinder = Rewinder::new(&ring);
     let _ = ring.lock();
     let _ = ctl.lock();
     sys::prefault_stack(STACK_PREFAULT);
@@ -154,7 +160,7 @@ fn run(a: WorkerArgs) -> Result<std::convert::Infallible, String> {
 
     ring.set_status(std::process::id(), realtime, sandboxed);
     event.notify();
-    render_loop(&ring, &ctl, &wake, &event, &mut engine, fault, &names)
+    render_loop(&ring, &ctl, &wake, &event, &mut Render { engine, rewinder }, fault, &names)
 }
 
 /// TEST-ONLY: with `AUDIOWARDEN_TEST_FAULT=stuck:PATH`, the first worker to create PATH never
@@ -312,16 +318,24 @@ impl Names {
     }
 }
 
+/// What the render loop renders with: the engine, and its memory of the blocks it committed
+/// (to render them again for a change stamped inside them).
+struct Render {
+    engine: Engine,
+    rewinder: Rewinder,
+}
+
 /// The render loop (audio thread: see module docs). Runs until the process is killed.
 fn render_loop(
     ring: &AudioRing,
     ctl: &ControlRing,
     wake: &EventFd,
     event: &EventFd,
-    engine: &mut Engine,
+    render: &mut Render,
     mut fault: TestFault,
     names: &Names,
 ) -> ! {
+    let Render { engine, rewinder } = render;
     let mut rendered = 0u64;
     let mut seen_command = 0u64;
     let mut running = false;
@@ -342,12 +356,18 @@ fn render_loop(
             if running {
                 let (base, state) = ring.handoff();
                 engine.set_state(state);
+                rewinder.start_run(base, state);
                 next_block = base;
                 announce_first = true;
                 announce_full = true;
             }
         }
         if running {
+            // Every waiting message first, then at most one rewrite of the ring for those
+            // stamped inside blocks it holds: one per wake-up, however many arrived.
+            drain_control(ctl, engine);
+            rewinder.forget_played(engine, ring.read_index());
+            rewinder.catch_up(ring, engine, next_block);
             loop {
                 // Messages first: one due inside this block must be queued before it renders.
                 drain_control(ctl, engine);
@@ -359,6 +379,7 @@ fn render_loop(
                     engine.render(samples);
                     *engine.state()
                 });
+                rewinder.committed(next_block, *engine.state());
                 next_block += 1;
                 rendered += 1;
                 if announce_first {
