@@ -197,7 +197,8 @@ impl ControlCore {
     ) -> Option<(u64, EngineState)> {
         let mut st = self.lock();
         let (base, state) = choose()?;
-        target.shm.ring.command_run(base, &state, read_index);
+        // Every message stamped so far is in the state or replayed below.
+        target.shm.ring.command_run(base, &state, st.next_seq - 1, read_index);
         target.shm.running.store(true, std::sync::atomic::Ordering::Relaxed);
         for m in st.history.iter().filter(|m| m.seq > state.last_seq) {
             if !target.ctl.push(*m) {
@@ -383,6 +384,9 @@ impl Control {
             st.history.pop_front();
         }
         st.history.push_back(msg);
+        // Before any worker has it: the output's freshness check must never miss a change
+        // a worker already renders.
+        core.play.stamps.publish(seq, apply_at);
         for t in &st.targets {
             if !t.ctl.push(msg) {
                 // Its stream would now differ from the others': the monitor replaces it.

@@ -208,6 +208,83 @@ impl Position {
     }
 }
 
+/// The stamps of the control messages, for the output's freshness check: which sequence
+/// number a block must know to hold every change stamped inside it. Control publishes each
+/// message's (seq, frame) under its lock (one writer); the output thread alone advances the
+/// cursor over them as it plays; the monitor may look ahead without advancing. Stamps grow
+/// with the sequence number (control stamps from a position that never goes back), so "the
+/// newest sequence stamped before frame F" is a prefix of the log. Wait-free on every side.
+pub struct StampLog {
+    /// Entry `seq % STAMPS`: (seq, stamped frame).
+    entries: Box<[(AtomicU64, AtomicU64)]>,
+    /// The newest sequence number published.
+    published: AtomicU64,
+    /// The output's cursor: every entry below it is stamped before the end of a played block.
+    cursor: AtomicU64,
+    /// The newest sequence number stamped before the end of the block played last.
+    required: AtomicU64,
+}
+
+/// Entries kept: control never has more messages in flight than a control ring holds
+/// (`CONTROL_CAPACITY`), so an entry is rewritten only after the output passed it.
+pub const STAMPS: usize = crate::shm::control::CONTROL_CAPACITY as usize;
+
+impl StampLog {
+    fn new() -> StampLog {
+        StampLog {
+            entries: (0..STAMPS).map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect(),
+            published: AtomicU64::new(0),
+            cursor: AtomicU64::new(1),
+            required: AtomicU64::new(0),
+        }
+    }
+
+    /// Control (under its lock): message `seq` (the next sequence number) takes effect at
+    /// `frame`.
+    pub(crate) fn publish(&self, seq: u64, frame: u64) {
+        let e = &self.entries[(seq % STAMPS as u64) as usize];
+        e.1.store(frame, Ordering::Relaxed);
+        e.0.store(seq, Ordering::Relaxed);
+        self.published.store(seq, Ordering::Release);
+    }
+
+    /// The newest sequence number stamped before `end` (0: none) counting from the cursor,
+    /// and the cursor after it.
+    fn scan(&self, end: u64) -> (u64, u64) {
+        let published = self.published.load(Ordering::Acquire);
+        let (mut cursor, mut required) = (self.cursor.load(Ordering::Relaxed), self.required.load(Ordering::Relaxed));
+        while cursor <= published {
+            let e = &self.entries[(cursor % STAMPS as u64) as usize];
+            let (seq, frame) = (e.0.load(Ordering::Relaxed), e.1.load(Ordering::Relaxed));
+            // An entry already rewritten (only a lying worker's played state lets control run
+            // that far ahead): skip it rather than stall the check.
+            if seq == cursor && frame >= end {
+                break;
+            }
+            if seq == cursor {
+                required = seq;
+            }
+            cursor += 1;
+        }
+        (required, cursor)
+    }
+
+    /// Output thread, for the block ending at frame `end` (blocks in order): the newest
+    /// sequence number it must know. Real-time safe (atomics, a bounded walk).
+    pub(crate) fn advance(&self, end: u64) -> u64 {
+        let (required, cursor) = self.scan(end);
+        self.cursor.store(cursor, Ordering::Relaxed);
+        self.required.store(required, Ordering::Relaxed);
+        required
+    }
+
+    /// Anyone: the same for a block ending at `end` at or after the block played next,
+    /// without moving the output's cursor.
+    pub fn required_before(&self, end: u64) -> u64 {
+        self.scan(end).0
+    }
+}
+
 /// What the output thread counts (atomics only: it is their only writer, apart from the cpal
 /// error callback).
 #[derive(Default)]
@@ -231,6 +308,15 @@ pub struct OutputCounters {
     pub output_wake_late_us: AtomicHistogram,
     /// Sequence number of the last control message in the played stream.
     pub played_seq: AtomicU64,
+    /// Blocks played that lacked a change stamped inside them: no ring had one that did
+    /// (its workers could not render the change in time). The change is heard late.
+    pub stale_blocks: AtomicU64,
+    /// Blocks played that do not continue the block played before them: no ring had one
+    /// that did (a resync after every copy of the stream was lost).
+    pub discontinuities: AtomicU64,
+    /// Rings marked diverged by the output: their block at the position differed from the
+    /// one played (their monitor replaces them).
+    pub divergences: AtomicU64,
     /// The playing thread got SCHED_FIFO.
     pub realtime: AtomicBool,
 }
@@ -284,6 +370,8 @@ pub struct Playback {
     /// The engine state at the end of the block played last: where a successor continues if
     /// no ring holds a playable block at the position.
     pub played_state: StateCell,
+    /// Every message's stamp, for the freshness check.
+    pub stamps: StampLog,
     /// Takeovers in progress with no standby or reserve ready (underruns meanwhile count as
     /// `cold_start_underruns` too).
     pub cold_takeovers_pending: AtomicU32,
@@ -312,6 +400,7 @@ impl Playback {
             running: AtomicBool::new(true),
             degraded: AtomicBool::new(false),
             played_state: StateCell::default(),
+            stamps: StampLog::new(),
             cold_takeovers_pending: AtomicU32::new(0),
             counters: OutputCounters::default(),
             priority: AtomicI32::new(priority),

@@ -70,6 +70,9 @@ fn change_around_kill(standby: StandbyMode, tag: &str) {
     assert_eq!(m.control_received, 3);
     assert_eq!(m.control_applied, 3, "last applied sequence number");
     assert_eq!(m.control_late, 0);
+    // Every block played knew every change stamped inside it and continued the one before,
+    // and no ring had to be replaced for rendering another stream.
+    assert_eq!((m.stale_blocks, m.stream_discontinuities, m.output_divergences), (0, 0, 0), "{m:?}");
     assert_matches_reference(&wav.path, &cfg, &msgs, false);
 }
 

@@ -158,6 +158,12 @@ declare_metrics! {
     device_xruns: u64, Counter, "", "t";
     /// Times the device went away (then reopened with backoff).
     device_losses: u64, Counter, "", "t";
+    /// Blocks played that lacked a change stamped inside them, because no ring had one that did (the change is heard late: should stay 0).
+    stale_blocks: u64, Counter, "", "t";
+    /// Blocks played that did not continue the block before them, because no ring had one that did (a resync: should stay 0).
+    stream_discontinuities: u64, Counter, "", "t";
+    /// Rendering workers whose block at the output position differed from the one played (each is replaced; should stay 0).
+    output_divergences: u64, Counter, "", "u";
     /// The output (`virtual`, `wav:PATH`, `alsa:PCM`, `cpal:DEVICE`).
     device: String, Info, "", "s";
     /// The device's period, frames.

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use crate::config::OutputSpec;
 use crate::engine::EngineState;
 use crate::playback::{Playback, PlaybackSettings};
+use crate::shm::ring::Committed;
 use crate::sys;
 
 /// Where played blocks go, and what paces the output thread.
@@ -449,6 +450,8 @@ impl Paced {
 /// Audio-thread code: no allocation after [`Player::new`], no lock, no log.
 pub(crate) struct Player {
     sh: Arc<Playback>,
+    /// The block played last and its end state's check: the next one must continue it.
+    last: Option<(u64, u64)>,
     block: Vec<f32>,
     silence: Vec<f32>,
     /// Test-only fault (--test-fault-output-pause): (when, for how long), CLOCK_MONOTONIC ns.
@@ -459,7 +462,10 @@ impl Player {
     pub(crate) fn new(sh: Arc<Playback>, buffers: Buffers) -> Player {
         let t0 = sys::now_ns();
         let pause = sh.settings.test_pause.map(|(at, dur)| (t0 + at * 1_000_000, dur * 1_000_000));
-        Player { sh, block: buffers.block, silence: buffers.silence, pause }
+        // A player made after a device loss continues what the one before it played.
+        let bf = sh.settings.block_frames as u64;
+        let last = sh.played_state.load().and_then(|s| Some((s.frame.checked_div(bf)?.checked_sub(1)?, s.check)));
+        Player { sh, last, block: buffers.block, silence: buffers.silence, pause }
     }
 
     /// Without the test-only pause fault (a player made after start-up, for a device lost and
@@ -469,21 +475,128 @@ impl Player {
         self
     }
 
-    /// Copies block `pos` from the first ring (the active one first) that holds a valid one.
-    /// It freezes the block in every ring before copying it from one: from here on no worker
-    /// can replace it (a rewrite fails), so the copy is never torn and every ring's block
-    /// `pos` is the one its worker continues from.
-    fn take(sh: &Playback, block: &mut [f32], pos: u64) -> Option<EngineState> {
+    /// Copies block `pos` into `block` from the best ring that holds a valid one: a block that
+    /// is fresh (it knows every change stamped inside it) and continues the block played before
+    /// it, the active ring's first; failing that, the best there is (counted). Returns the block
+    /// and the table index of the ring it came from.
+    ///
+    /// It first freezes the block in every rendering worker's ring: from then on none of them
+    /// can replace it (a rewrite fails), so the copy is never torn, and the block `pos` of
+    /// each of those rings is the one its worker continues from. (A ring published in the
+    /// table after this pass is not frozen at `pos`; it starts at or after `pos` from a state
+    /// the monitor chose, and `read_block` freezes whatever ring it copies from.) A dead
+    /// worker's ring is left as it is: it renders nothing more, and a tombstone would erase
+    /// its oldest blocks, which the monitor reads after the death (where it was, for the
+    /// poison check) however late it gets to it.
+    fn take(sh: &Playback, block: &mut [f32], pos: u64, after: Option<u64>) -> Option<(Committed, usize)> {
         sh.table.for_each(|w| {
-            w.ring.freeze(pos);
+            if w.running.load(Ordering::Acquire) {
+                w.ring.freeze(pos);
+            }
             true
         });
-        let mut played = None;
+        let end = (pos + 1).saturating_mul(sh.settings.block_frames as u64);
+        let required = sh.stamps.advance(end);
+        // The best-rated ring by a look at its state (no copy): the first one with the best
+        // rating, stopping at a fresh and continuous block.
+        let rate = |c: &Committed| {
+            let fresh = c.meta.known_seq >= required;
+            let continuous = after.is_none_or(|check| c.meta.start_check == check);
+            2 * continuous as u8 + fresh as u8
+        };
+        let (mut best, mut index) = (None::<(u8, usize)>, 0);
         sh.table.for_each(|w| {
-            played = w.ring.read_block(pos, block);
-            played.is_none()
+            if let Some(c) = w.ring.peek(pos) {
+                let r = rate(&c);
+                if best.is_none_or(|(b, _)| r > b) {
+                    best = Some((r, index));
+                }
+            }
+            index += 1;
+            best.is_none_or(|(b, _)| b < 3)
         });
+        let mut played = None;
+        if let Some((_, at)) = best {
+            index = 0;
+            sh.table.for_each(|w| {
+                if index == at {
+                    played = w.ring.read_block(pos, block).map(|c| (c, at));
+                }
+                index += 1;
+                index <= at
+            });
+        }
+        if played.is_none() {
+            // Its samples did not check out (or it moved): the first ring that plays at all.
+            index = 0;
+            sh.table.for_each(|w| {
+                played = w.ring.read_block(pos, block).map(|c| (c, index));
+                index += 1;
+                played.is_none()
+            });
+        }
+        if let Some((c, _)) = &played {
+            if c.meta.known_seq < required {
+                sh.counters.stale_blocks.fetch_add(1, Ordering::Relaxed);
+            }
+            if after.is_some_and(|check| c.meta.start_check != check) {
+                sh.counters.discontinuities.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         played
+    }
+
+    /// After block `pos` played (ending in `played`, copied from the ring at table index
+    /// `from`): frees its slot in every ring, marks the rings that no longer render the stream
+    /// and wakes the writers. Returns whether the monitor should look now.
+    fn release(sh: &Playback, pos: u64, played: &EngineState, from: usize) -> bool {
+        // Free the slot in every ring; wake each writer once a batch of its slots is
+        // free (at its phase), not after every block: one wake-up per batch.
+        let batch = sh.settings.batch_blocks.max(1) as u64;
+        let (mut suspect, mut first, mut index) = (false, true, 0);
+        sh.table.for_each(|w| {
+            w.ring.set_read_index(pos + 1);
+            // Another rendering ring whose (frozen, final) block here differs from the
+            // one played no longer renders this stream: the monitor replaces it.
+            let other = index != from;
+            index += 1;
+            if other
+                && w.running.load(Ordering::Relaxed)
+                && w.ring.peek(pos).is_some_and(|c| c.state.check != played.check)
+                && !w.diverged.swap(true, Ordering::Relaxed)
+            {
+                sh.counters.divergences.fetch_add(1, Ordering::Relaxed);
+                suspect = true;
+            }
+            if w.running.load(Ordering::Relaxed) {
+                if (pos + 1) % batch == w.wake_phase.load(Ordering::Relaxed) as u64 % batch {
+                    // A standby's held blocks, checked once a batch (the active ring's
+                    // are, below, every period): each block it publishes is still held
+                    // at its next wake-up, so a stray write into one is seen while the
+                    // monitor can still replace it, whatever the monitor's own pace.
+                    suspect |= !first && w.ring.holds_any_invalid(pos + 1);
+                    w.wake.notify();
+                }
+                // Overdue (a worker without real-time priority may be a few blocks
+                // late on a busy machine: the monitor would only wait anyway).
+                let overdue = if w.ring.worker_realtime() {
+                    sh.settings.suspect_free_slots
+                } else {
+                    sh.settings.suspect_free_slots_nort
+                };
+                suspect |= w.ring.space_at(pos + 1) >= overdue;
+                // Any block the active ring (visited first: the one played, unless it lacked
+                // a fresh block) holds no longer checks out (a stray write into published memory): the monitor
+                // replaces its worker before the output gets there. Every held block,
+                // every period, since a block checked once could be hit after its check;
+                // the other rings' blocks are played only if the active one lacks one,
+                // and the monitor's own scan looks at them.
+                suspect |= first && w.ring.holds_any_invalid(pos + 1);
+                first = false;
+            }
+            true
+        });
+        suspect
     }
 
     /// Takes block `pos` from the first ring that holds a valid one (or silence: an underrun,
@@ -500,49 +613,18 @@ impl Player {
         let sh = &*self.sh;
         let bf = sh.settings.block_frames as u64;
         let pos = sh.position.blocks();
-        let played = Player::take(sh, &mut self.block, pos);
+        // Continuity with the block played last, if that was the one before this one.
+        let after = self.last.filter(|&(p, _)| p.checked_add(1) == Some(pos)).map(|(_, check)| check);
+        let played = Player::take(sh, &mut self.block, pos, after);
         match played {
-            Some(state) => {
+            Some((Committed { state, .. }, from)) => {
+                self.last = Some((pos, state.check));
                 // Position and its start time change together for readers (a seqlock).
                 sh.position.advance(pos + 1, now);
                 sh.counters.frames_played.fetch_add(bf, Ordering::Relaxed);
                 sh.counters.played_seq.store(state.last_seq, Ordering::Relaxed);
                 sh.played_state.store(&state);
-                // Free the slot in every ring; wake each writer once a batch of its slots is
-                // free (at its phase), not after every block: one wake-up per batch.
-                let batch = sh.settings.batch_blocks.max(1) as u64;
-                let (mut suspect, mut first) = (false, true);
-                sh.table.for_each(|w| {
-                    w.ring.set_read_index(pos + 1);
-                    if w.running.load(Ordering::Relaxed) {
-                        if (pos + 1) % batch == w.wake_phase.load(Ordering::Relaxed) as u64 % batch {
-                            // A standby's held blocks, checked once a batch (the active ring's
-                            // are, below, every period): each block it publishes is still held
-                            // at its next wake-up, so a stray write into one is seen while the
-                            // monitor can still replace it, whatever the monitor's own pace.
-                            suspect |= !first && w.ring.holds_any_invalid(pos + 1);
-                            w.wake.notify();
-                        }
-                        // Overdue (a worker without real-time priority may be a few blocks
-                        // late on a busy machine: the monitor would only wait anyway).
-                        let overdue = if w.ring.worker_realtime() {
-                            sh.settings.suspect_free_slots
-                        } else {
-                            sh.settings.suspect_free_slots_nort
-                        };
-                        suspect |= w.ring.space_at(pos + 1) >= overdue;
-                        // Any block the active ring (visited first: the one played) holds no
-                        // longer checks out (a stray write into published memory): the monitor
-                        // replaces its worker before the output gets there. Every held block,
-                        // every period, since a block checked once could be hit after its check;
-                        // the other rings' blocks are played only if the active one lacks one,
-                        // and the monitor's own scan looks at them.
-                        suspect |= first && w.ring.holds_any_invalid(pos + 1);
-                        first = false;
-                    }
-                    true
-                });
-                if suspect {
+                if Player::release(sh, pos, &state, from) {
                     sh.suspect.notify();
                 }
             }
@@ -565,5 +647,220 @@ impl Player {
         } else {
             &self.silence
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{ramp_frames, Engine};
+    use crate::playback::WorkerShm;
+    use crate::shm::ring::BlockMeta;
+    use crate::shm::ring::{AudioRing, RingGeometry};
+    use crate::sys::EventFd;
+    use std::sync::atomic::{AtomicBool, AtomicU32};
+
+    const SLOTS: u32 = 4;
+
+    fn settings() -> PlaybackSettings {
+        PlaybackSettings {
+            block_frames: 64,
+            sample_rate: 48_000,
+            device_periods: 2,
+            samples_per_block: 128,
+            batch_blocks: 1,
+            lookahead_blocks: SLOTS as u64,
+            periods_per_wake: 1,
+            suspect_free_slots: 2,
+            suspect_free_slots_nort: 3,
+            test_stall_ms: None,
+            test_pause: None,
+        }
+    }
+
+    /// A ring in the table, and the worker's view of it.
+    fn worker(running: bool) -> (tempfile::NamedTempFile, Arc<WorkerShm>, AudioRing) {
+        let geo = RingGeometry { block_frames: 64, slots: SLOTS, sample_rate: 48_000 };
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(geo.segment_size()).unwrap();
+        let ring = AudioRing::create(file.as_file(), geo).unwrap();
+        let view = AudioRing::attach(file.as_file()).unwrap();
+        let shm = WorkerShm {
+            ring,
+            wake: EventFd::new(true).unwrap(),
+            running: AtomicBool::new(running),
+            diverged: AtomicBool::new(false),
+            wake_phase: AtomicU32::new(0),
+        };
+        (file, Arc::new(shm), view)
+    }
+
+    /// Commits blocks `from..to` into `view`, rendered by `engine`.
+    fn commit(view: &AudioRing, engine: &mut Engine, from: u64, to: u64) {
+        commit_knowing(view, engine, from, to, 0);
+    }
+
+    fn commit_knowing(view: &AudioRing, engine: &mut Engine, from: u64, to: u64, known_seq: u64) {
+        for b in from..to {
+            let meta = BlockMeta { known_seq, start_check: engine.state().check };
+            view.produce(b, meta, |s| {
+                engine.render(s);
+                *engine.state()
+            });
+        }
+    }
+
+    fn start() -> EngineState {
+        EngineState::initial(440.0, 0.5, ramp_frames(48_000))
+    }
+
+    /// Primary (active) and hot standby, both rendering blocks 0..SLOTS of the same stream.
+    struct Pair {
+        play: Arc<Playback>,
+        player: Player,
+        rings: [(tempfile::NamedTempFile, Arc<WorkerShm>, AudioRing); 2],
+    }
+
+    impl Pair {
+        fn new() -> Pair {
+            let play = Arc::new(Playback::new(settings(), 0).unwrap());
+            let rings = [worker(true), worker(true)];
+            for (i, r) in rings.iter().enumerate() {
+                play.table.set(i, &r.1);
+                commit(&r.2, &mut Engine::new(48_000, start()), 0, SLOTS as u64);
+            }
+            play.table.set_active(0);
+            let player = Player::new(play.clone(), Buffers::new(128)).without_test_fault();
+            Pair { play, player, rings }
+        }
+
+        /// Plays one block; returns its end state's check.
+        fn next(&mut self) -> u64 {
+            self.player.next(sys::now_ns());
+            self.play.played_state.load().expect("a block played").check
+        }
+
+        fn counters(&self) -> (u64, u64, u64, u64) {
+            let c = &self.play.counters;
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            (get(&c.stale_blocks), get(&c.discontinuities), get(&c.divergences), get(&c.other_underruns))
+        }
+
+        fn diverged(&self, i: usize) -> bool {
+            self.rings[i].1.diverged.load(Ordering::Relaxed)
+        }
+    }
+
+    /// A change stamped inside block 2 (seq 1) that only the standby rendered in time (it
+    /// rewrote its blocks 2 and 3): the standby's fresh blocks play, the primary's stale one
+    /// never does, and the primary, whose frozen block 2 is not the one played, is marked
+    /// diverged (its monitor replaces it by the standby: the stream stays one).
+    #[test]
+    fn a_block_that_lacks_a_change_plays_only_when_no_ring_has_it() {
+        let mut p = Pair::new();
+        let msg = crate::engine::ControlMsg::new(1, 2 * 64 + 10, crate::engine::ControlKind::SetGain, 0.1);
+        p.play.stamps.publish(1, msg.apply_at);
+        let mut reference = Engine::new(48_000, start());
+        assert!(reference.enqueue(msg));
+        let mut expected = [0u64; 4];
+        for e in &mut expected {
+            reference.render(&mut [0.0; 128]);
+            *e = reference.state().check;
+        }
+        // The standby goes back to its block 2 and renders it, and 3, with the change.
+        let mut standby = Engine::new(48_000, start());
+        standby.set_state(p.rings[1].1.ring.committed_state(1).unwrap());
+        assert!(standby.enqueue(msg));
+        for b in 2..4 {
+            let meta = BlockMeta { known_seq: 1, start_check: standby.state().check };
+            p.rings[1]
+                .2
+                .rewrite(b, meta, |s| {
+                    standby.render(s);
+                    *standby.state()
+                })
+                .unwrap();
+        }
+        assert_eq!([p.next(), p.next()], [expected[0], expected[1]], "before the change: the primary's");
+        assert_eq!(p.next(), expected[2], "block 2: the standby's, with the change at its frame");
+        assert_eq!(p.counters(), (0, 0, 1, 0), "nothing stale played; the primary marked diverged");
+        assert!(p.diverged(0) && !p.diverged(1));
+        assert_eq!(p.next(), expected[3], "block 3 continues the standby's block 2, not the primary's");
+        assert_eq!(p.counters(), (0, 0, 1, 0), "marked once");
+    }
+
+    /// Neither ring rendered the change in time: the active ring's block plays (counted
+    /// stale), and neither ring is marked: they still agree on the stream.
+    #[test]
+    fn when_every_ring_lacks_a_change_the_active_one_plays_counted() {
+        let mut p = Pair::new();
+        p.play.stamps.publish(1, 64 + 3);
+        p.next();
+        p.next();
+        assert_eq!(p.counters(), (1, 0, 0, 0));
+        assert!(!p.diverged(0) && !p.diverged(1));
+        // Seq 1 is behind the output now: later blocks need it no more than they have it.
+        p.next();
+        assert_eq!(p.counters(), (2, 0, 0, 0), "block 2 does not know seq 1 either");
+    }
+
+    /// The primary's blocks 1 and 2 were rendered from a state that is not the end of the
+    /// block played before them: the standby's, which continues the stream, plays; once no ring has
+    /// a continuous block, the best there is plays, counted.
+    #[test]
+    fn a_block_that_does_not_continue_what_played_is_passed_over() {
+        let mut p = Pair::new();
+        let mut other = Engine::new(48_000, EngineState::initial(880.0, 0.5, ramp_frames(48_000)));
+        other.render(&mut [0.0; 128]);
+        for b in 1..3 {
+            let meta = BlockMeta { known_seq: 0, start_check: other.state().check };
+            p.rings[0]
+                .2
+                .rewrite(b, meta, |s| {
+                    other.render(s);
+                    *other.state()
+                })
+                .unwrap();
+        }
+        let first = p.next();
+        let standby_1 = p.rings[1].1.ring.committed_state(1).unwrap().check;
+        assert_eq!(p.next(), standby_1, "the standby's block 1 continues block 0");
+        assert_eq!(p.counters(), (0, 0, 1, 0));
+        assert!(p.diverged(0));
+        assert_ne!(first, standby_1);
+        // The standby's ring is gone (as if its worker died): only the primary's block 2 is
+        // left, which continues its own block 1, not the one played.
+        p.rings[1].1.running.store(false, Ordering::Relaxed);
+        p.play.table.clear(1);
+        p.next();
+        assert_eq!(p.counters(), (0, 1, 1, 0), "played, counted as a discontinuity");
+    }
+
+    /// Reviewer finding (ring layout 4): the output tombstoned the slot of every block it
+    /// played in every ring, a dead worker's too, so a ring left behind lost its blocks one a
+    /// period and, after a ring's worth, the monitor no longer found where the dead worker
+    /// was (the poison check reads it after the death, late if the machine stalled).
+    #[test]
+    fn the_output_leaves_a_dead_workers_ring_as_it_was() {
+        let play = Arc::new(Playback::new(settings(), 0).unwrap());
+        let (_fa, live, live_view) = worker(true);
+        let (_fd, dead, dead_view) = worker(false);
+        play.table.set(0, &live);
+        play.table.set(1, &dead);
+        play.table.set_active(0);
+        let start = EngineState::initial(440.0, 0.5, ramp_frames(48_000));
+        let (mut a, mut d) = (Engine::new(48_000, start), Engine::new(48_000, start));
+        commit(&dead_view, &mut d, 0, 3); // died after its third block
+        let dead_end = dead.ring.last_valid_state(0).expect("the dead ring's newest block");
+        let mut player = Player::new(play.clone(), Buffers::new(128)).without_test_fault();
+        commit(&live_view, &mut a, 0, SLOTS as u64);
+        for pos in 0..(4 * SLOTS as u64) {
+            player.next(sys::now_ns());
+            assert_eq!(play.position.blocks(), pos + 1, "block {pos} played from the live ring");
+            commit(&live_view, &mut a, pos + SLOTS as u64, pos + SLOTS as u64 + 1);
+        }
+        let after = dead.ring.last_valid_state(0).expect("the dead ring still holds its blocks");
+        assert_eq!((after.0, after.1.check), (dead_end.0, dead_end.1.check));
+        assert_eq!(play.counters.other_underruns.load(Ordering::Relaxed), 0);
     }
 }

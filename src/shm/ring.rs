@@ -4,8 +4,8 @@
 //! ```text
 //! header (cache-line separated fields)          slots[block % slots]
 //!   geometry (written once by the supervisor)     tag: block, version, frozen
-//!   command + handoff   supervisor -> worker      half 0: EngineState + block_frames * 2 f32
-//!   read_index          output thread -> worker   half 1: EngineState + block_frames * 2 f32
+//!   command + handoff   supervisor -> worker      half 0: EngineState, BlockMeta, samples
+//!   read_index          output thread -> worker   half 1: EngineState, BlockMeta, samples
 //!   write_index         worker -> supervisor (also the heartbeat)
 //!   status              worker -> supervisor
 //! ```
@@ -26,12 +26,18 @@
 //!   version's parity is the half that holds it) and whether the output has frozen it.
 //! - A rewrite renders into the other half and publishes it with a compare-and-swap of the
 //!   tag, which fails once the slot is frozen. Until then the old version stays playable.
-//! - The output freezes block `pos` (an atomic OR) in every ring before it copies one: from
-//!   then on no worker can replace it. A ring that does not hold `pos` yet gets a frozen
-//!   tombstone for it, so the block is born frozen when it comes.
+//! - The output freezes block `pos` (an atomic OR) in every rendering worker's ring before it
+//!   copies one: from then on no worker can replace it. A ring that does not hold `pos` yet
+//!   gets a frozen tombstone for it, so the block is born frozen when it comes. (A dead
+//!   worker's ring is not frozen: tombstones would erase the blocks it still holds.)
 //! - Every reader is a seqlock reader: it reads the tag, the half, and the tag again, and a
 //!   change means "moved", never "invalid". The version (15 bits) keeps a slot rewritten
 //!   twice under a slow reader (back in the same half) from reading as unchanged.
+//!
+//! Each version also says what its worker knew when it rendered it ([`BlockMeta`]): the
+//! newest control sequence it had received, and the check of the state it started from. The
+//! output plays a block that lacks a change stamped inside it only if no ring has a fresh one,
+//! and prefers a block that continues what it played (see `output::Player`).
 
 use std::cell::UnsafeCell;
 use std::fs::File;
@@ -59,6 +65,8 @@ struct Line<T>(T);
 struct Handoff {
     base: u64,
     state: EngineState,
+    /// Every control message up to this sequence is in `state` or in the control ring.
+    known_seq: u64,
 }
 
 #[repr(C)]
@@ -103,6 +111,57 @@ struct Header {
 }
 
 const STATE_BYTES: usize = std::mem::size_of::<EngineState>();
+const META_BYTES: usize = std::mem::size_of::<SealedMeta>();
+
+/// What a worker knew when it rendered a version of a block (issue 15): the output's
+/// freshness and continuity checks read it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockMeta {
+    /// The newest control sequence number the worker had received: every change stamped
+    /// inside the block with a sequence up to this one is rendered in it.
+    pub known_seq: u64,
+    /// [`EngineState::check`] of the state the block started from: the block continues a
+    /// stream whose previous block ended in that state.
+    pub start_check: u64,
+}
+
+/// A [`BlockMeta`] as stored after its state, sealed to it (worker memory is untrusted: a
+/// torn or garbage one fails the check).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SealedMeta {
+    known_seq: u64,
+    start_check: u64,
+    check: u64,
+}
+
+impl SealedMeta {
+    fn seal(meta: BlockMeta, state: &EngineState) -> SealedMeta {
+        SealedMeta { known_seq: meta.known_seq, start_check: meta.start_check, check: meta_check(meta, state) }
+    }
+
+    fn open(self, state: &EngineState) -> Option<BlockMeta> {
+        let meta = BlockMeta { known_seq: self.known_seq, start_check: self.start_check };
+        (self.check == meta_check(meta, state)).then_some(meta)
+    }
+}
+
+/// FNV-1a over the meta and the state's own check.
+fn meta_check(meta: BlockMeta, state: &EngineState) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for w in [meta.known_seq, meta.start_check, state.check] {
+        h ^= w;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// A committed block as a reader found it: its end state and what its worker knew.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Committed {
+    pub state: EngineState,
+    pub meta: BlockMeta,
+}
 
 /// The first cache line of every slot holds its tag; the two halves follow.
 const TAG_BYTES: usize = 64;
@@ -152,7 +211,7 @@ impl Tag {
 
 /// What a look at a committed block found.
 enum Found {
-    Playable(EngineState),
+    Playable(Committed),
     Invalid,
     /// Rewritten or recycled while we looked: no verdict.
     Moved,
@@ -179,7 +238,7 @@ pub struct RingGeometry {
 
 impl RingGeometry {
     fn half_stride(&self) -> usize {
-        cache_align(STATE_BYTES + self.block_frames as usize * CHANNELS * 4)
+        cache_align(STATE_BYTES + META_BYTES + self.block_frames as usize * CHANNELS * 4)
     }
 
     fn slot_stride(&self) -> usize {
@@ -311,8 +370,12 @@ impl AudioRing {
         self.slot_ptr(block).wrapping_add(TAG_BYTES + (half & 1) * self.geo.half_stride())
     }
 
+    fn meta_ptr(&self, block: u64, half: usize) -> *mut SealedMeta {
+        self.half_ptr(block, half).wrapping_add(STATE_BYTES).cast::<SealedMeta>()
+    }
+
     fn samples_ptr(&self, block: u64, half: usize) -> *mut f32 {
-        self.half_ptr(block, half).wrapping_add(STATE_BYTES).cast::<f32>()
+        self.half_ptr(block, half).wrapping_add(STATE_BYTES + META_BYTES).cast::<f32>()
     }
 
     /// Pins the whole ring in memory (faulting it in).
@@ -351,11 +414,12 @@ impl AudioRing {
 
     /// Supervisor: start (or restart) rendering at block `base` from `state`. Call only while
     /// the worker is idle or freshly spawned, never while it renders.
-    pub fn command_run(&self, base: u64, state: &EngineState, read_index: u64) {
+    /// `known_seq`: every control message up to it is in `state` or already in its control ring.
+    pub fn command_run(&self, base: u64, state: &EngineState, known_seq: u64, read_index: u64) {
         let h = self.header();
         // SAFETY: the worker reads the handoff only after observing the new command below
         // (Acquire pairs with this Release), and it is idle now, so nobody reads concurrently.
-        unsafe { std::ptr::write_volatile(h.handoff.0.get(), Handoff { base, state: *state }) };
+        unsafe { std::ptr::write_volatile(h.handoff.0.get(), Handoff { base, state: *state, known_seq }) };
         h.write_index.0.store(base, Ordering::Relaxed);
         // May be a period stale (the output thread advances it concurrently): that only
         // delays the worker's first render by a period; the output rewrites it every period.
@@ -379,26 +443,27 @@ impl AudioRing {
         self.header().command.0.load(Ordering::Acquire)
     }
 
-    /// Worker: the handoff written with the last run command.
-    pub fn handoff(&self) -> (u64, EngineState) {
+    /// Worker: the handoff written with the last run command: (base, state, known_seq).
+    pub fn handoff(&self) -> (u64, EngineState, u64) {
         // SAFETY: read after an Acquire load of `command` that saw the supervisor's Release;
         // the supervisor does not write the handoff while we run.
         let h = unsafe { std::ptr::read_volatile(self.header().handoff.0.get()) };
-        (h.base, h.state)
+        (h.base, h.state, h.known_seq)
     }
 
     // ---- producer (worker) -------------------------------------------------------------
 
-    /// Worker: renders block `block` into its slot through `render` and publishes it.
-    /// The caller guarantees `block == write_index()` and `space() > 0`.
-    pub fn produce(&self, block: u64, render: impl FnOnce(&mut [f32]) -> EngineState) {
+    /// Worker: renders block `block` into its slot through `render` and publishes it, with
+    /// what the worker knew (`meta`). The caller guarantees `block == write_index()` and
+    /// `space() > 0`.
+    pub fn produce(&self, block: u64, meta: BlockMeta, render: impl FnOnce(&mut [f32]) -> EngineState) {
         let tag = self.tag(block);
         let before = Tag(tag.load(Ordering::Acquire));
         // A new block goes into half 0, unless the tag already names it: a tombstone (the
         // output froze the block before this ring had it) or this ring's earlier run. Then it
         // takes the other half, so that nobody reading the named version reads a torn one.
         let half = if before.names(block) { before.half() ^ 1 } else { 0 };
-        self.render_into(block, half, render);
+        self.render_into(block, half, meta, render);
         // Publish with a CAS: the output may tombstone the slot meanwhile, and a block the
         // output has frozen stays frozen. The output changes a tag at most once per block.
         let mut seen = before;
@@ -420,7 +485,12 @@ impl AudioRing {
     /// Worker: replaces committed block `block` with a new rendering through `render`, unless
     /// the output has frozen it. The old version stays playable until the new one is
     /// published, and a frozen block is never replaced (the output may be copying it).
-    pub fn rewrite(&self, block: u64, render: impl FnOnce(&mut [f32]) -> EngineState) -> Result<(), RewriteRefused> {
+    pub fn rewrite(
+        &self,
+        block: u64,
+        meta: BlockMeta,
+        render: impl FnOnce(&mut [f32]) -> EngineState,
+    ) -> Result<(), RewriteRefused> {
         let tag = self.tag(block);
         let current = Tag(tag.load(Ordering::Acquire));
         if !current.names(block) || current.frozen() || !self.in_window(block, self.write_index()) {
@@ -428,7 +498,7 @@ impl AudioRing {
         }
         // Nobody reads the other half: readers follow the tag, which names this one.
         let half = current.half() ^ 1;
-        self.render_into(block, half, render);
+        self.render_into(block, half, meta, render);
         let next = Tag::new(block, current.version() + 1, false);
         tag.compare_exchange(current.0, next.0, Ordering::Release, Ordering::Relaxed)
             .map(|_| ())
@@ -437,7 +507,7 @@ impl AudioRing {
 
     /// Renders into half `half` of block `block`'s slot; the caller has made sure no reader
     /// follows a tag to that half (see produce and rewrite).
-    fn render_into(&self, block: u64, half: usize, render: impl FnOnce(&mut [f32]) -> EngineState) {
+    fn render_into(&self, block: u64, half: usize, meta: BlockMeta, render: impl FnOnce(&mut [f32]) -> EngineState) {
         // A reader still in this half under an older version must see that version's tag
         // change if it sees any of the writes below (pairs with the fence in `unchanged`).
         fence(Ordering::Release);
@@ -447,8 +517,12 @@ impl AudioRing {
         let samples =
             unsafe { std::slice::from_raw_parts_mut(self.samples_ptr(block, half), self.geo.samples_per_block()) };
         let state = render(samples);
-        // SAFETY: as above; EngineState is plain data and the half starts 64-aligned.
-        unsafe { std::ptr::write_volatile(self.half_ptr(block, half).cast::<EngineState>(), state) };
+        // SAFETY: as above; EngineState and SealedMeta are plain data, the half starts
+        // 64-aligned and the meta follows the state (u64 fields, 8-aligned).
+        unsafe {
+            std::ptr::write_volatile(self.half_ptr(block, half).cast::<EngineState>(), state);
+            std::ptr::write_volatile(self.meta_ptr(block, half), SealedMeta::seal(meta, &state));
+        }
     }
 
     /// TEST-ONLY (the worker's fault switch): overwrites the samples of published block
@@ -516,7 +590,7 @@ impl AudioRing {
     /// state of the half it names, if valid for the block (frame and checksum). The caller
     /// must then see the tag unchanged ([`AudioRing::unchanged`]) before it trusts what it read.
     /// Untrusted memory: any bit pattern is rejected or validated here.
-    fn look(&self, block: u64) -> Option<(Tag, EngineState)> {
+    fn look(&self, block: u64) -> Option<(Tag, Committed)> {
         if !self.in_window(block, self.write_index()) {
             return None;
         }
@@ -527,9 +601,17 @@ impl AudioRing {
         // SAFETY: the half lies inside the mapping (see half_ptr); a volatile read of plain
         // data from memory another process may be writing yields some bit pattern, which we
         // validate below.
-        let state = unsafe { std::ptr::read_volatile(self.half_ptr(block, tag.half()).cast::<EngineState>()) };
+        let (state, sealed) = unsafe {
+            (
+                std::ptr::read_volatile(self.half_ptr(block, tag.half()).cast::<EngineState>()),
+                std::ptr::read_volatile(self.meta_ptr(block, tag.half())),
+            )
+        };
         let expected_end = block.checked_add(1)?.checked_mul(self.geo.block_frames as u64)?;
-        (state.frame == expected_end && state.is_valid(self.geo.sample_rate)).then_some((tag, state))
+        if state.frame != expected_end || !state.is_valid(self.geo.sample_rate) {
+            return None;
+        }
+        Some((tag, Committed { state, meta: sealed.open(&state)? }))
     }
 
     /// After reading block `block` under `tag`: the slot still holds that version and the
@@ -547,18 +629,24 @@ impl AudioRing {
     /// looked: no verdict). Reads the samples in place, no copy, no allocation.
     fn inspect(&self, block: u64) -> Found {
         let tag = Tag(self.tag(block).load(Ordering::Acquire));
-        let state = self.look(block).filter(|&(t, s)| t == tag && self.samples_intact(block, t.half(), &s));
+        let found = self.look(block).filter(|&(t, c)| t == tag && self.samples_intact(block, t.half(), &c.state));
         if !self.unchanged(block, tag) {
             return Found::Moved;
         }
-        state.map_or(Found::Invalid, |(_, s)| Found::Playable(s))
+        found.map_or(Found::Invalid, |(_, c)| Found::Playable(c))
     }
 
     /// Reads the state committed with `block`, if the ring holds a valid block `block`.
     /// Untrusted memory: the state must carry the expected frame and pass its checksum.
     pub fn committed_state(&self, block: u64) -> Option<EngineState> {
-        let (tag, state) = self.look(block)?;
-        self.unchanged(block, tag).then_some(state)
+        self.peek(block).map(|c| c.state)
+    }
+
+    /// Block `block`'s end state and meta, if the ring holds a valid one (its samples are
+    /// not read: see [`AudioRing::read_block`] for the copy that checks them). Real-time safe.
+    pub fn peek(&self, block: u64) -> Option<Committed> {
+        let (tag, committed) = self.look(block)?;
+        self.unchanged(block, tag).then_some(committed)
     }
 
     /// Output thread: freezes block `block` in this ring, so that no worker can replace it
@@ -593,7 +681,7 @@ impl AudioRing {
     /// samples' checksum sealed in the block's state (a stray write into a published block is
     /// rejected, never played), and samples are sanitised (NaN to 0, clamped to [-1, 1]) so
     /// nothing a dying worker leaves can reach the speaker as noise.
-    pub fn read_block(&self, block: u64, out: &mut [f32]) -> Option<EngineState> {
+    pub fn read_block(&self, block: u64, out: &mut [f32]) -> Option<Committed> {
         let n = self.geo.samples_per_block();
         let out = out.get_mut(..n)?;
         // Acquire: if the ring holds the block, its tag is visible (produce publishes it first).
@@ -602,18 +690,18 @@ impl AudioRing {
         }
         let frozen = self.freeze_tag(block)?;
         // A frozen tag never changes again, unless the worker is broken.
-        let (tag, state) = self.look(block).filter(|&(t, _)| t == frozen)?;
+        let (tag, committed) = self.look(block).filter(|&(t, _)| t == frozen)?;
         // SAFETY: the half holds samples_per_block f32s after its state (see render_into),
         // and `out` holds exactly that many; a write by the worker can only change the values
         // copied, which the checksum below catches.
         unsafe { std::ptr::copy_nonoverlapping(self.samples_ptr(block, tag.half()), out.as_mut_ptr(), n) };
-        if crate::engine::samples_check(out) != state.samples_check || !self.unchanged(block, tag) {
+        if crate::engine::samples_check(out) != committed.state.samples_check || !self.unchanged(block, tag) {
             return None;
         }
         for s in out.iter_mut() {
             *s = if s.is_nan() { 0.0 } else { s.clamp(-1.0, 1.0) };
         }
-        Some(state)
+        Some(committed)
     }
 
     /// Supervisor: some block the ring holds from `from` on (committed, inside its window) is
@@ -660,17 +748,28 @@ impl AudioRing {
     /// block `limit`, or, if the ring holds nothing at `pos`, its newest valid state. (A
     /// successor that starts before the end renders the rest again, bit-identical: it can
     /// start at once, where a full ring's end is a whole ring ahead, with no room for it until
-    /// the output moves on.)
-    pub fn handoff_state(&self, pos: u64, limit: u64) -> Option<(u64, EngineState)> {
+    /// the output moves on.) The run also ends before a block `usable` refuses (one that
+    /// lacks a change stamped inside it: a stale block never becomes a handoff state) and
+    /// before one that does not continue the block before it.
+    pub fn handoff_state(
+        &self,
+        pos: u64,
+        limit: u64,
+        usable: impl Fn(u64, &Committed) -> bool,
+    ) -> Option<(u64, EngineState)> {
         let w = self.write_index();
         if self.in_window(pos, w) {
-            let mut end = None;
+            let mut end: Option<(u64, EngineState)> = None;
             // A block whose samples no longer match their checksum cannot be played either:
             // the run ends before it, so that a successor renders it again.
             for b in pos..w.min(limit.max(pos)) {
                 match self.inspect(b) {
-                    Found::Playable(s) => end = Some((b + 1, s)),
-                    Found::Invalid | Found::Moved => break,
+                    Found::Playable(c)
+                        if usable(b, &c) && end.is_none_or(|(_, prev)| prev.check == c.meta.start_check) =>
+                    {
+                        end = Some((b + 1, c.state))
+                    }
+                    _ => break,
                 }
             }
             // Block `pos` itself is bad: continue from the end of the block before it.
@@ -699,6 +798,9 @@ mod tests {
     use super::*;
     use crate::engine::{ramp_frames, Engine};
 
+    /// For blocks whose continuity a test does not look at.
+    const NO_META: BlockMeta = BlockMeta { known_seq: 0, start_check: 0 };
+
     fn ring() -> (tempfile::NamedTempFile, AudioRing, RingGeometry) {
         let geo = RingGeometry { block_frames: 64, slots: 4, sample_rate: 48_000 };
         let f = tempfile::NamedTempFile::new().unwrap();
@@ -712,7 +814,8 @@ mod tests {
         let mut e = Engine::new(48_000, EngineState::initial(440.0, 0.5, ramp_frames(48_000)));
         for b in 0..n {
             assert!(w.space() > 0);
-            w.produce(b, |s| {
+            let meta = BlockMeta { known_seq: 0, start_check: e.state().check };
+            w.produce(b, meta, |s| {
                 e.render(s);
                 let mut st = *e.state();
                 if Some(b) == bad {
@@ -731,12 +834,12 @@ mod tests {
         assert_eq!(w.space(), 0);
         let mut out = vec![0.0; geo.samples_per_block()];
         let st = r.read_block(0, &mut out).unwrap();
-        assert_eq!(st.frame, 64);
+        assert_eq!(st.state.frame, 64);
         assert!(r.read_block(4, &mut out).is_none());
         r.set_read_index(1);
         assert_eq!(w.space(), 1);
         assert_eq!(r.last_valid_state(0).unwrap().0, 4);
-        assert_eq!(r.handoff_state(1, u64::MAX).unwrap().0, 4);
+        assert_eq!(r.handoff_state(1, u64::MAX, |_, _| true).unwrap().0, 4);
     }
 
     #[test]
@@ -746,8 +849,12 @@ mod tests {
         fill(&w, 4, Some(2)); // block 2 is garbage
                               // Newest valid is block 3, but a successor must continue after block 1.
         assert_eq!(r.last_valid_state(0).unwrap().0, 4);
-        assert_eq!(r.handoff_state(0, u64::MAX).unwrap().0, 2);
-        assert_eq!(r.handoff_state(2, u64::MAX).unwrap().0, 2, "pos itself bad: continue from pos-1's end");
+        assert_eq!(r.handoff_state(0, u64::MAX, |_, _| true).unwrap().0, 2);
+        assert_eq!(
+            r.handoff_state(2, u64::MAX, |_, _| true).unwrap().0,
+            2,
+            "pos itself bad: continue from pos-1's end"
+        );
     }
 
     #[test]
@@ -755,17 +862,17 @@ mod tests {
         let (f, r, _) = ring();
         let w = AudioRing::attach(f.as_file()).unwrap();
         fill(&w, 4, None);
-        let (base, state) = r.handoff_state(0, 2).unwrap();
+        let (base, state) = r.handoff_state(0, 2, |_, _| true).unwrap();
         assert_eq!(base, 2, "a successor continues at the limit, not at the run's end (4)");
         assert_eq!(state.frame, r.committed_state(1).unwrap().frame, "with the state at the end of block 1");
-        assert_eq!(r.handoff_state(0, 9).unwrap().0, 4, "a limit past the run changes nothing");
+        assert_eq!(r.handoff_state(0, 9, |_, _| true).unwrap().0, 4, "a limit past the run changes nothing");
     }
 
     #[test]
     fn garbage_is_rejected() {
         let (f, r, _) = ring();
         let w = AudioRing::attach(f.as_file()).unwrap();
-        w.produce(0, |s| {
+        w.produce(0, NO_META, |s| {
             s.fill(f32::NAN);
             let mut st = EngineState::initial(440.0, 0.5, 240);
             st.frame = 64;
@@ -792,9 +899,9 @@ mod tests {
         for _ in 0..10 {
             e.render(&mut scratch); // the state at the end of block 9
         }
-        r.command_run(10, e.state(), 8);
+        r.command_run(10, e.state(), 0, 8);
         for b in 10..12 {
-            w.produce(b, |s| {
+            w.produce(b, NO_META, |s| {
                 e.render(s);
                 *e.state()
             });
@@ -821,12 +928,12 @@ mod tests {
                 for pos in [0, 3, u64::MAX - 4, u64::MAX - 1, u64::MAX] {
                     let _ = r.committed_state(pos);
                     let _ = r.read_block(pos, &mut out);
-                    let _ = r.handoff_state(pos, u64::MAX);
+                    let _ = r.handoff_state(pos, u64::MAX, |_, _| true);
                     let _ = r.last_valid_state(pos);
                     let _ = r.holds_invalid(pos);
                     let _ = r.space_at(pos);
                     r.freeze(pos);
-                    let _ = w.rewrite(pos, version_k(pos, 2));
+                    let _ = w.rewrite(pos, NO_META, version_k(pos, 2));
                 }
                 let _ = w.space();
             }
@@ -852,7 +959,11 @@ mod tests {
         assert!(r.read_block(2, &mut out).is_none(), "scribbled samples must not play");
         assert!(r.holds_invalid(2));
         assert!(!r.holds_invalid(1) && !r.holds_invalid(3));
-        assert_eq!(r.handoff_state(0, u64::MAX).unwrap().0, 2, "the run of playable blocks ends before block 2");
+        assert_eq!(
+            r.handoff_state(0, u64::MAX, |_, _| true).unwrap().0,
+            2,
+            "the run of playable blocks ends before block 2"
+        );
     }
 
     /// A block rendered as version `k` of block `block`: every sample is `k / 2^20`, and the
@@ -889,19 +1000,23 @@ mod tests {
         let (f, r, geo) = ring();
         let w = AudioRing::attach(f.as_file()).unwrap();
         for b in 0..4 {
-            w.produce(b, version_k(b, 1));
+            w.produce(b, NO_META, version_k(b, 1));
         }
-        assert_eq!(w.rewrite(2, version_k(2, 2)), Ok(()));
-        assert_eq!(w.rewrite(2, version_k(2, 3)), Ok(()), "a second rewrite goes back to the first half");
+        assert_eq!(w.rewrite(2, NO_META, version_k(2, 2)), Ok(()));
+        assert_eq!(w.rewrite(2, NO_META, version_k(2, 3)), Ok(()), "a second rewrite goes back to the first half");
         assert_eq!(w.write_index(), 4, "a rewrite never moves the write index");
         let mut out = vec![0.0; geo.samples_per_block()];
         r.read_block(2, &mut out).unwrap();
         assert_eq!(version_of(&out), 3, "the newest committed version plays");
-        assert_eq!(w.rewrite(2, version_k(2, 4)), Err(RewriteRefused::Frozen), "a block the output copied is final");
+        assert_eq!(
+            w.rewrite(2, NO_META, version_k(2, 4)),
+            Err(RewriteRefused::Frozen),
+            "a block the output copied is final"
+        );
         r.read_block(2, &mut out).unwrap();
         assert_eq!(version_of(&out), 3);
         // The other blocks are untouched, and still rewritable.
-        assert_eq!(w.rewrite(3, version_k(3, 5)), Ok(()));
+        assert_eq!(w.rewrite(3, NO_META, version_k(3, 5)), Ok(()));
         assert!(!r.holds_any_invalid(0));
     }
 
@@ -910,11 +1025,11 @@ mod tests {
         let (f, r, geo) = ring();
         let w = AudioRing::attach(f.as_file()).unwrap();
         for b in 0..4 {
-            w.produce(b, version_k(b, 1));
+            w.produce(b, chained(&w, b, 0), version_k(b, 1));
         }
         let mut out = vec![0.0; geo.samples_per_block()];
         // A monitor's look during the rewrite sees the old version, whole.
-        let refused = w.rewrite(1, |samples| {
+        let refused = w.rewrite(1, chained(&w, 1, 0), |samples| {
             assert!(!r.holds_invalid(1));
             assert_eq!(r.committed_state(1).unwrap().frame, 128);
             version_k(1, 2)(samples)
@@ -922,7 +1037,7 @@ mod tests {
         assert_eq!(refused, Ok(()));
         // The output freezes the block while its next rewrite renders: the old one plays and
         // the new one is dropped.
-        let refused = w.rewrite(1, |samples| {
+        let refused = w.rewrite(1, NO_META, |samples| {
             r.read_block(1, &mut out).unwrap();
             version_k(1, 3)(samples)
         });
@@ -930,7 +1045,47 @@ mod tests {
         assert_eq!(version_of(&out), 2);
         r.read_block(1, &mut out).unwrap();
         assert_eq!(version_of(&out), 2, "the dropped version never shows");
-        assert_eq!(r.handoff_state(1, u64::MAX).unwrap().0, 4);
+        // Block 2 still continues version 1 of block 1 (its worker would rewrite it next).
+        assert_eq!(r.handoff_state(1, u64::MAX, |_, _| true).unwrap().0, 2);
+        w.rewrite(2, chained(&w, 2, 0), version_k(2, 2)).unwrap();
+        w.rewrite(3, chained(&w, 3, 0), version_k(3, 2)).unwrap();
+        assert_eq!(r.handoff_state(1, u64::MAX, |_, _| true).unwrap().0, 4);
+    }
+
+    /// The meta of a block `b` rendered after the version of block `b - 1` the ring holds.
+    fn chained(w: &AudioRing, b: u64, known_seq: u64) -> BlockMeta {
+        let start_check = b.checked_sub(1).and_then(|p| w.committed_state(p)).map_or(0, |s| s.check);
+        BlockMeta { known_seq, start_check }
+    }
+
+    /// A handoff run is what the output could play in a row: it ends before a block that
+    /// lacks a change stamped inside it (`usable` says which) and before one that does not
+    /// continue the block before it; the meta itself is sealed to its block.
+    #[test]
+    fn a_handoff_run_ends_before_a_stale_or_discontinuous_block() {
+        let (f, r, _) = ring();
+        let w = AudioRing::attach(f.as_file()).unwrap();
+        for b in 0..4 {
+            // Blocks 0 and 1 were rendered knowing seq 5, blocks 2 and 3 knowing seq 7.
+            w.produce(b, chained(&w, b, if b < 2 { 5 } else { 7 }), version_k(b, 1));
+        }
+        assert_eq!(
+            r.peek(2).unwrap().meta,
+            BlockMeta { known_seq: 7, start_check: r.committed_state(1).unwrap().check }
+        );
+        assert_eq!(r.handoff_state(0, u64::MAX, |_, _| true).unwrap().0, 4);
+        // Seq 6 is stamped inside block 1: blocks 0 (before it) and 2.. (knowing it) are fine.
+        let needs_6_from_1 = |b: u64, c: &Committed| c.meta.known_seq >= if b >= 1 { 6 } else { 0 };
+        assert_eq!(r.handoff_state(0, u64::MAX, needs_6_from_1).unwrap().0, 1, "block 1 is stale");
+        // Block 2 rewritten from another state: block 3 no longer continues it.
+        w.rewrite(2, BlockMeta { known_seq: 7, start_check: 12345 }, version_k(2, 2)).unwrap();
+        assert_eq!(r.handoff_state(0, u64::MAX, |_, _| true).unwrap().0, 2, "block 2 does not continue block 1");
+        assert_eq!(r.handoff_state(2, u64::MAX, |_, _| true).unwrap().0, 3, "block 3 does not continue block 2");
+        // A meta that does not match its seal is garbage: the block is not valid.
+        let sealed = r.meta_ptr(3, Tag(r.tag(3).load(Ordering::Acquire)).half());
+        // SAFETY: the meta of block 3's current half, inside the mapping; no one else writes.
+        unsafe { (*sealed).known_seq += 1 };
+        assert!(r.peek(3).is_none() && r.holds_invalid(3));
     }
 
     /// The output looked for a block before this ring had it (a standby behind, a ring started
@@ -940,7 +1095,7 @@ mod tests {
         let (f, r, geo) = ring();
         let w = AudioRing::attach(f.as_file()).unwrap();
         for b in 0..4 {
-            w.produce(b, version_k(b, 1));
+            w.produce(b, NO_META, version_k(b, 1));
         }
         r.set_read_index(2);
         let mut out = vec![0.0; geo.samples_per_block()];
@@ -949,10 +1104,10 @@ mod tests {
         r.freeze(4);
         assert!(r.read_block(4, &mut out).is_none());
         r.freeze(5);
-        w.produce(4, version_k(4, 7));
-        w.produce(5, version_k(5, 8));
-        assert_eq!(w.rewrite(4, version_k(4, 9)), Err(RewriteRefused::Frozen), "born frozen");
-        assert_eq!(w.rewrite(5, version_k(5, 9)), Err(RewriteRefused::Frozen));
+        w.produce(4, NO_META, version_k(4, 7));
+        w.produce(5, NO_META, version_k(5, 8));
+        assert_eq!(w.rewrite(4, NO_META, version_k(4, 9)), Err(RewriteRefused::Frozen), "born frozen");
+        assert_eq!(w.rewrite(5, NO_META, version_k(5, 9)), Err(RewriteRefused::Frozen));
         r.read_block(4, &mut out).unwrap();
         assert_eq!(version_of(&out), 7);
         r.read_block(5, &mut out).unwrap();
@@ -976,11 +1131,11 @@ mod tests {
                 let (mut during, mut after) = (0, 0);
                 for b in 0..rounds {
                     spin_until(|| w.space() > 0);
-                    w.produce(b, version_k(b, 1));
+                    w.produce(b, NO_META, version_k(b, 1));
                     last_ok.store(1, Ordering::SeqCst);
                     let mut k = 2;
                     loop {
-                        match w.rewrite(b, version_k(b, k)) {
+                        match w.rewrite(b, NO_META, version_k(b, k)) {
                             Ok(()) => {
                                 assert!(k < 1 << 19, "block {b} was never frozen");
                                 last_ok.store(k as u64, Ordering::SeqCst)
@@ -992,7 +1147,7 @@ mod tests {
                                     after += 1;
                                 }
                                 // Frozen is final: every later attempt is refused too.
-                                assert_eq!(w.rewrite(b, version_k(b, k + 1)), Err(RewriteRefused::Frozen));
+                                assert_eq!(w.rewrite(b, NO_META, version_k(b, k + 1)), Err(RewriteRefused::Frozen));
                                 break;
                             }
                         }
@@ -1014,7 +1169,7 @@ mod tests {
                     std::hint::spin_loop();
                 }
                 let st = r.read_block(b, &mut out).expect("a block being rewritten still plays");
-                assert_eq!(st.frame, (b + 1) * 64);
+                assert_eq!(st.state.frame, (b + 1) * 64);
                 let played = version_of(&out);
                 spin_until(|| round_done.load(Ordering::SeqCst));
                 assert_eq!(played as u64, last_ok.load(Ordering::SeqCst), "block {b}");
@@ -1037,7 +1192,7 @@ mod tests {
         let (f, r, _) = ring();
         let w = AudioRing::attach(f.as_file()).unwrap();
         for b in 0..4 {
-            w.produce(b, version_k(b, 1));
+            w.produce(b, NO_META, version_k(b, 1));
         }
         let stop = AtomicBool::new(false);
         let (mut looks, mut playable, mut corrupt) = (0u64, 0u64, 0u64);
@@ -1046,7 +1201,7 @@ mod tests {
                 let mut k = 2;
                 while !stop.load(Ordering::Relaxed) {
                     for b in 0..4 {
-                        assert_eq!(w.rewrite(b, version_k(b, k)), Ok(()));
+                        assert_eq!(w.rewrite(b, NO_META, version_k(b, k)), Ok(()));
                     }
                     k = k % 1000 + 2;
                 }

@@ -22,7 +22,7 @@ use crate::engine::{ramp_frames, EngineState};
 use crate::playback::{WorkerShm, MAX_SLOTS};
 use crate::shm::control::{self, ControlRing};
 use crate::shm::registry::SegmentKind;
-use crate::shm::ring::{AudioRing, ROLE_PRIMARY, ROLE_RESERVE, ROLE_SPARE};
+use crate::shm::ring::{AudioRing, Committed, ROLE_PRIMARY, ROLE_RESERVE, ROLE_SPARE};
 use crate::sys::{self, Epoll, EventFd, TimerFd};
 
 const TOKEN_STOP: u64 = 1;
@@ -942,8 +942,18 @@ impl Monitor {
         let batch = u64::from(self.sh.play.settings.batch_blocks.max(1));
         let limit =
             if idle { pos.saturating_add((self.sh.geo.slots as u64).saturating_sub(batch).max(1)) } else { u64::MAX };
-        let own = self.workers[dead].shm.ring.handoff_state(pos, limit);
-        let fallback = own.filter(|&(base, _)| base >= pos).or(played).or(own).or(self.workers[dead].start_from);
+        // Only blocks that hold every change stamped inside them and continue what was played
+        // (a stale or diverged block never becomes a handoff state).
+        let stamps = &self.sh.play.stamps;
+        let after = played.map(|(_, s)| s.check);
+        let usable = |b: u64, c: &Committed| {
+            c.meta.known_seq >= stamps.required_before((b + 1).saturating_mul(bf))
+                && (b != pos || after.is_none_or(|check| c.meta.start_check == check))
+        };
+        let own = self.workers[dead].shm.ring.handoff_state(pos, limit, usable);
+        // At `pos` itself, what was played is the truth (the dead ring's block before it may
+        // be another ring's version).
+        let fallback = own.filter(|&(base, _)| base > pos).or(played).or(own).or(self.workers[dead].start_from);
         fallback.unwrap_or_else(|| {
             // Nothing valid anywhere: resync from the control targets at the output position
             // (an audible discontinuity, counted).
@@ -1374,7 +1384,11 @@ impl Monitor {
             }
             Kill::Diverged => {
                 w.killed_for = Some("diverged");
-                Report::Faulty { pid, why: "missed a control message", block: w.shm.ring.write_index() }
+                Report::Faulty {
+                    pid,
+                    why: "no longer renders the stream played (a control message it missed or rendered late)",
+                    block: w.shm.ring.write_index(),
+                }
             }
             Kill::Corrupt { block } => {
                 w.killed_for = Some("corrupt");

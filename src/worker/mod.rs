@@ -18,7 +18,7 @@ use rewind::Rewinder;
 
 use crate::engine::{Engine, EngineState, PENDING_CAPACITY};
 use crate::shm::control::ControlRing;
-use crate::shm::ring::{AudioRing, MODE_RUN, ROLE_NONE, ROLE_PRIMARY, ROLE_RESERVE, ROLE_SPARE};
+use crate::shm::ring::{AudioRing, BlockMeta, MODE_RUN, ROLE_NONE, ROLE_PRIMARY, ROLE_RESERVE, ROLE_SPARE};
 use crate::sys::{self, EventFd};
 
 /// Stack the render loop may use, faulted in and locked up front.
@@ -261,7 +261,7 @@ impl TestFault {
                 std::hint::spin_loop();
             },
             FaultKind::Garbage => {
-                ring.produce(next_block, |samples| {
+                ring.produce(next_block, BlockMeta::default(), |samples| {
                     samples.fill(f32::NAN);
                     let mut garbage = *engine.state();
                     garbage.frame += samples.len() as u64 / 2;
@@ -343,6 +343,8 @@ fn render_loop(
     let mut announce_first = false;
     let mut announce_full = false;
     let mut role = ROLE_NONE;
+    // The newest control sequence received (what every block committed says it knows).
+    let mut known_seq = 0u64;
     loop {
         if ring.role() != role {
             // Only when the supervisor changes it: one prctl, no allocation.
@@ -354,7 +356,8 @@ fn render_loop(
             seen_command = command;
             running = command & 0xff == MODE_RUN;
             if running {
-                let (base, state) = ring.handoff();
+                let (base, state, known) = ring.handoff();
+                known_seq = known.max(state.last_seq);
                 engine.set_state(state);
                 rewinder.start_run(base, state);
                 next_block = base;
@@ -365,17 +368,18 @@ fn render_loop(
         if running {
             // Every waiting message first, then at most one rewrite of the ring for those
             // stamped inside blocks it holds: one per wake-up, however many arrived.
-            drain_control(ctl, engine);
+            known_seq = known_seq.max(drain_control(ctl, engine));
             rewinder.forget_played(engine, ring.read_index());
-            rewinder.catch_up(ring, engine, next_block);
+            rewinder.catch_up(ring, engine, next_block, known_seq);
             loop {
                 // Messages first: one due inside this block must be queued before it renders.
-                drain_control(ctl, engine);
+                known_seq = known_seq.max(drain_control(ctl, engine));
                 if ring.space() == 0 {
                     break;
                 }
                 fault.before_block(ring, engine, next_block, rendered);
-                ring.produce(next_block, |samples| {
+                let meta = BlockMeta { known_seq, start_check: engine.state().check };
+                ring.produce(next_block, meta, |samples| {
                     engine.render(samples);
                     *engine.state()
                 });
@@ -397,16 +401,20 @@ fn render_loop(
     }
 }
 
-/// Queues the control messages waiting in `ctl`, as many as the engine can hold.
-fn drain_control(ctl: &ControlRing, engine: &mut Engine) {
+/// Queues the control messages waiting in `ctl`, as many as the engine can hold. Returns
+/// the newest sequence number among them (0: none).
+fn drain_control(ctl: &ControlRing, engine: &mut Engine) -> u64 {
+    let mut newest = 0;
     while engine.can_accept() {
         match ctl.pop() {
             Some(m) => {
+                newest = newest.max(m.seq);
                 engine.enqueue(m);
             }
             None => break,
         }
     }
+    newest
 }
 
 #[cfg(test)]

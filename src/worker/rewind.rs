@@ -10,7 +10,7 @@
 //! allocation, no lock, no log.
 
 use crate::engine::{Engine, EngineState};
-use crate::shm::ring::{AudioRing, RewriteRefused};
+use crate::shm::ring::{AudioRing, BlockMeta, RewriteRefused};
 
 /// What the rewrites did, since the worker started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -82,7 +82,8 @@ impl Rewinder {
     /// holds, renders the ring again from the first block it affects that the output can
     /// still take, up to `next_block` (exclusive: the next block to commit). The engine ends
     /// where it was, at the end of block `next_block - 1`, now with the message applied.
-    pub fn catch_up(&mut self, ring: &AudioRing, engine: &mut Engine, next_block: u64) {
+    /// `known_seq`: the newest control sequence received, which every rewritten block carries.
+    pub fn catch_up(&mut self, ring: &AudioRing, engine: &mut Engine, next_block: u64, known_seq: u64) {
         let Some(due) = engine.next_due() else { return };
         if due >= engine.state().frame {
             return; // in order: the next block renders it
@@ -103,7 +104,8 @@ impl Rewinder {
         }
         self.stats.rewinds += 1;
         for block in first..next_block {
-            let done = ring.rewrite(block, |samples| {
+            let meta = BlockMeta { known_seq, start_check: engine.state().check };
+            let done = ring.rewrite(block, meta, |samples| {
                 engine.render(samples);
                 *engine.state()
             });
@@ -153,7 +155,9 @@ mod tests {
         engine: Engine,
         rewinder: Rewinder,
         next_block: u64,
+        known_seq: u64,
         played: Vec<f32>,
+        played_check: Option<u64>,
     }
 
     fn start() -> EngineState {
@@ -171,7 +175,17 @@ mod tests {
             engine.keep_applied(PENDING_CAPACITY);
             let mut rewinder = Rewinder::new(&worker);
             rewinder.start_run(0, start());
-            Rig { _file: file, output, worker, engine, rewinder, next_block: 0, played: Vec::new() }
+            Rig {
+                _file: file,
+                output,
+                worker,
+                engine,
+                rewinder,
+                next_block: 0,
+                known_seq: 0,
+                played: Vec::new(),
+                played_check: None,
+            }
         }
 
         /// One wake-up of the worker, as the render loop does it: forget, catch up, fill.
@@ -180,10 +194,12 @@ mod tests {
                 assert!(self.engine.enqueue(m));
             }
             self.rewinder.forget_played(&mut self.engine, self.worker.read_index());
-            self.rewinder.catch_up(&self.worker, &mut self.engine, self.next_block);
+            self.known_seq = self.known_seq.max(msgs.iter().map(|m| m.seq).max().unwrap_or(0));
+            self.rewinder.catch_up(&self.worker, &mut self.engine, self.next_block, self.known_seq);
             while self.worker.space() > 0 {
                 let engine = &mut self.engine;
-                self.worker.produce(self.next_block, |s| {
+                let meta = BlockMeta { known_seq: self.known_seq, start_check: engine.state().check };
+                self.worker.produce(self.next_block, meta, |s| {
                     engine.render(s);
                     *engine.state()
                 });
@@ -202,7 +218,12 @@ mod tests {
                     self.wake(&[]);
                 }
                 self.output.freeze(pos);
-                self.output.read_block(pos, &mut out).expect("a playable block");
+                let block = self.output.read_block(pos, &mut out).expect("a playable block");
+                // Rewritten or not, every block continues the one played before it.
+                if let Some(prev) = self.played_check {
+                    assert_eq!(block.meta.start_check, prev, "block {pos} continues the stream");
+                }
+                self.played_check = Some(block.state.check);
                 self.played.extend_from_slice(&out);
                 self.output.set_read_index(pos + 1);
             }
@@ -295,7 +316,7 @@ mod tests {
         }
         rig.engine.set_state(*before.state());
         rig.rewinder.start_run(40, *before.state());
-        rig.output.command_run(40, before.state(), 40);
+        rig.output.command_run(40, before.state(), 0, 40);
         rig.next_block = 40;
         rig.wake(&[]);
         let m = ControlMsg::new(1, 30 * BF, ControlKind::SetGain, 0.2);
