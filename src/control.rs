@@ -197,14 +197,17 @@ impl ControlCore {
     ) -> Option<(u64, EngineState)> {
         let mut st = self.lock();
         let (base, state) = choose()?;
-        // Every message stamped so far is in the state or replayed below.
-        target.shm.ring.command_run(base, &state, st.next_seq - 1, read_index);
-        target.shm.running.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The replay first: once the command is out (or the output sees it running and wakes
+        // it) the worker may render, and every message up to `known` must be in its ring by
+        // then, since its blocks will say they know them.
         for m in st.history.iter().filter(|m| m.seq > state.last_seq) {
             if !target.ctl.push(*m) {
                 target.shm.diverged.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        let known = st.next_seq - 1;
+        target.shm.ring.command_run(base, &state, known, read_index);
+        target.shm.running.store(true, std::sync::atomic::Ordering::Relaxed);
         target.shm.wake.notify();
         st.targets.retain(|t| t.worker_id != target.worker_id);
         st.targets.push(target);

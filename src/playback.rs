@@ -252,7 +252,14 @@ impl StampLog {
     /// and the cursor after it.
     fn scan(&self, end: u64) -> (u64, u64) {
         let published = self.published.load(Ordering::Acquire);
-        let (mut cursor, mut required) = (self.cursor.load(Ordering::Relaxed), self.required.load(Ordering::Relaxed));
+        // Cursor first (Acquire, pairing with `advance`): the `required` read after it is at
+        // least as new, never the one from before the cursor moved.
+        let mut cursor = self.cursor.load(Ordering::Acquire);
+        let mut required = self.required.load(Ordering::Relaxed);
+        // At most a log's worth per call, whatever `published` says (entries overwritten
+        // because a lying worker defeated control's backpressure are skipped, never walked
+        // without end in one period).
+        let published = published.min(cursor.saturating_add(STAMPS as u64));
         while cursor <= published {
             let e = &self.entries[(cursor % STAMPS as u64) as usize];
             let (seq, frame) = (e.0.load(Ordering::Relaxed), e.1.load(Ordering::Relaxed));
@@ -273,8 +280,8 @@ impl StampLog {
     /// sequence number it must know. Real-time safe (atomics, a bounded walk).
     pub(crate) fn advance(&self, end: u64) -> u64 {
         let (required, cursor) = self.scan(end);
-        self.cursor.store(cursor, Ordering::Relaxed);
         self.required.store(required, Ordering::Relaxed);
+        self.cursor.store(cursor, Ordering::Release);
         required
     }
 
@@ -416,5 +423,32 @@ impl Playback {
         if self.degraded.swap(degraded, Ordering::AcqRel) != degraded {
             self.changed.notify();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The output learns which sequence a block must know from the stamps alone, and the
+    /// monitor's look ahead neither moves the cursor nor sees less than the output did.
+    #[test]
+    fn the_stamp_log_names_the_newest_change_stamped_before_a_blocks_end() {
+        let log = StampLog::new();
+        assert_eq!(log.advance(64), 0, "nothing stamped");
+        for (seq, frame) in [(1, 100), (2, 200), (3, 200), (4, 300)] {
+            log.publish(seq, frame);
+        }
+        assert_eq!(log.advance(128), 1, "block 1 (frames 64..128) must know seq 1");
+        assert_eq!(log.required_before(256), 3, "a look ahead: seq 2 and 3 end before 256");
+        assert_eq!(log.required_before(64), 1, "never less than the output has passed");
+        assert_eq!(log.advance(192), 1);
+        assert_eq!(log.advance(256), 3);
+        assert_eq!(log.advance(320), 4);
+        assert_eq!(log.advance(10_000), 4, "nothing newer");
+        // Control a whole log ahead (only a lying worker defeats its backpressure): the
+        // entries overwritten or never written are skipped, in one bounded walk.
+        log.publish(5 + STAMPS as u64, 400);
+        assert_eq!(log.advance(10_000), 5 + STAMPS as u64);
     }
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use crate::config::OutputSpec;
 use crate::engine::EngineState;
-use crate::playback::{Playback, PlaybackSettings};
+use crate::playback::{Playback, PlaybackSettings, WorkerShm};
 use crate::shm::ring::Committed;
 use crate::sys;
 
@@ -478,7 +478,7 @@ impl Player {
     /// Copies block `pos` into `block` from the best ring that holds a valid one: a block that
     /// is fresh (it knows every change stamped inside it) and continues the block played before
     /// it, the active ring's first; failing that, the best there is (counted). Returns the block
-    /// and the table index of the ring it came from.
+    /// and the address of the ring it came from.
     ///
     /// It first freezes the block in every rendering worker's ring: from then on none of them
     /// can replace it (a rewrite fails), so the copy is never torn, and the block `pos` of
@@ -488,7 +488,7 @@ impl Player {
     /// worker's ring is left as it is: it renders nothing more, and a tombstone would erase
     /// its oldest blocks, which the monitor reads after the death (where it was, for the
     /// poison check) however late it gets to it.
-    fn take(sh: &Playback, block: &mut [f32], pos: u64, after: Option<u64>) -> Option<(Committed, usize)> {
+    fn take(sh: &Playback, block: &mut [f32], pos: u64, after: Option<u64>) -> Option<(Committed, *const WorkerShm)> {
         sh.table.for_each(|w| {
             if w.running.load(Ordering::Acquire) {
                 w.ring.freeze(pos);
@@ -498,40 +498,36 @@ impl Player {
         let end = (pos + 1).saturating_mul(sh.settings.block_frames as u64);
         let required = sh.stamps.advance(end);
         // The best-rated ring by a look at its state (no copy): the first one with the best
-        // rating, stopping at a fresh and continuous block.
+        // rating, stopping at a fresh and continuous block. Rings are told apart by address,
+        // never by their place in the table, which the monitor may change between the passes.
         let rate = |c: &Committed| {
             let fresh = c.meta.known_seq >= required;
             let continuous = after.is_none_or(|check| c.meta.start_check == check);
             2 * continuous as u8 + fresh as u8
         };
-        let (mut best, mut index) = (None::<(u8, usize)>, 0);
+        let mut best = None::<(u8, *const WorkerShm)>;
         sh.table.for_each(|w| {
             if let Some(c) = w.ring.peek(pos) {
                 let r = rate(&c);
                 if best.is_none_or(|(b, _)| r > b) {
-                    best = Some((r, index));
+                    best = Some((r, std::ptr::from_ref(w)));
                 }
             }
-            index += 1;
             best.is_none_or(|(b, _)| b < 3)
         });
         let mut played = None;
         if let Some((_, at)) = best {
-            index = 0;
             sh.table.for_each(|w| {
-                if index == at {
+                if std::ptr::eq(w, at) {
                     played = w.ring.read_block(pos, block).map(|c| (c, at));
                 }
-                index += 1;
-                index <= at
+                played.is_none()
             });
         }
         if played.is_none() {
             // Its samples did not check out (or it moved): the first ring that plays at all.
-            index = 0;
             sh.table.for_each(|w| {
-                played = w.ring.read_block(pos, block).map(|c| (c, index));
-                index += 1;
+                played = w.ring.read_block(pos, block).map(|c| (c, std::ptr::from_ref(w)));
                 played.is_none()
             });
         }
@@ -546,21 +542,19 @@ impl Player {
         played
     }
 
-    /// After block `pos` played (ending in `played`, copied from the ring at table index
-    /// `from`): frees its slot in every ring, marks the rings that no longer render the stream
-    /// and wakes the writers. Returns whether the monitor should look now.
-    fn release(sh: &Playback, pos: u64, played: &EngineState, from: usize) -> bool {
+    /// After block `pos` played (ending in `played`, copied from the ring at address `from`):
+    /// frees its slot in every ring, marks the rings that no longer render the stream and
+    /// wakes the writers. Returns whether the monitor should look now.
+    fn release(sh: &Playback, pos: u64, played: &EngineState, from: *const WorkerShm) -> bool {
         // Free the slot in every ring; wake each writer once a batch of its slots is
         // free (at its phase), not after every block: one wake-up per batch.
         let batch = sh.settings.batch_blocks.max(1) as u64;
-        let (mut suspect, mut first, mut index) = (false, true, 0);
+        let (mut suspect, mut first) = (false, true);
         sh.table.for_each(|w| {
             w.ring.set_read_index(pos + 1);
             // Another rendering ring whose (frozen, final) block here differs from the
             // one played no longer renders this stream: the monitor replaces it.
-            let other = index != from;
-            index += 1;
-            if other
+            if !std::ptr::eq(w, from)
                 && w.running.load(Ordering::Relaxed)
                 && w.ring.peek(pos).is_some_and(|c| c.state.check != played.check)
                 && !w.diverged.swap(true, Ordering::Relaxed)
@@ -654,7 +648,6 @@ impl Player {
 mod tests {
     use super::*;
     use crate::engine::{ramp_frames, Engine};
-    use crate::playback::WorkerShm;
     use crate::shm::ring::BlockMeta;
     use crate::shm::ring::{AudioRing, RingGeometry};
     use crate::sys::EventFd;
@@ -707,6 +700,18 @@ mod tests {
                 engine.render(s);
                 *engine.state()
             });
+        }
+    }
+
+    /// Renders `blocks` again into `view` (each must be committed and not frozen).
+    fn rewrite_knowing(view: &AudioRing, engine: &mut Engine, blocks: std::ops::Range<u64>, known_seq: u64) {
+        for b in blocks {
+            let meta = BlockMeta { known_seq, start_check: engine.state().check };
+            let done = view.rewrite(b, meta, |s| {
+                engine.render(s);
+                *engine.state()
+            });
+            assert_eq!(done, Ok(()), "block {b} rewritten");
         }
     }
 
@@ -771,16 +776,7 @@ mod tests {
         let mut standby = Engine::new(48_000, start());
         standby.set_state(p.rings[1].1.ring.committed_state(1).unwrap());
         assert!(standby.enqueue(msg));
-        for b in 2..4 {
-            let meta = BlockMeta { known_seq: 1, start_check: standby.state().check };
-            p.rings[1]
-                .2
-                .rewrite(b, meta, |s| {
-                    standby.render(s);
-                    *standby.state()
-                })
-                .unwrap();
-        }
+        rewrite_knowing(&p.rings[1].2, &mut standby, 2..4, 1);
         assert_eq!([p.next(), p.next()], [expected[0], expected[1]], "before the change: the primary's");
         assert_eq!(p.next(), expected[2], "block 2: the standby's, with the change at its frame");
         assert_eq!(p.counters(), (0, 0, 1, 0), "nothing stale played; the primary marked diverged");
@@ -799,29 +795,20 @@ mod tests {
         p.next();
         assert_eq!(p.counters(), (1, 0, 0, 0));
         assert!(!p.diverged(0) && !p.diverged(1));
-        // Seq 1 is behind the output now: later blocks need it no more than they have it.
+        // Every later block must know seq 1 too (it is stamped before their end), and none does.
         p.next();
         assert_eq!(p.counters(), (2, 0, 0, 0), "block 2 does not know seq 1 either");
     }
 
     /// The primary's blocks 1 and 2 were rendered from a state that is not the end of the
-    /// block played before them: the standby's, which continues the stream, plays; once no ring has
-    /// a continuous block, the best there is plays, counted.
+    /// block played before them: the standby's, which continues the stream, plays; once no
+    /// ring has a continuous block, the best there is plays, counted.
     #[test]
     fn a_block_that_does_not_continue_what_played_is_passed_over() {
         let mut p = Pair::new();
         let mut other = Engine::new(48_000, EngineState::initial(880.0, 0.5, ramp_frames(48_000)));
         other.render(&mut [0.0; 128]);
-        for b in 1..3 {
-            let meta = BlockMeta { known_seq: 0, start_check: other.state().check };
-            p.rings[0]
-                .2
-                .rewrite(b, meta, |s| {
-                    other.render(s);
-                    *other.state()
-                })
-                .unwrap();
-        }
+        rewrite_knowing(&p.rings[0].2, &mut other, 1..3, 0);
         let first = p.next();
         let standby_1 = p.rings[1].1.ring.committed_state(1).unwrap().check;
         assert_eq!(p.next(), standby_1, "the standby's block 1 continues block 0");

@@ -343,8 +343,11 @@ fn render_loop(
     let mut announce_first = false;
     let mut announce_full = false;
     let mut role = ROLE_NONE;
-    // The newest control sequence received (what every block committed says it knows).
+    // The newest control sequence received (what every block committed says it knows), and
+    // the handoff's: every message up to it was in the control ring at the run command, so
+    // it is known once the ring has been drained empty (the engine may hold fewer).
     let mut known_seq = 0u64;
+    let mut known_at_handoff = 0u64;
     loop {
         if ring.role() != role {
             // Only when the supervisor changes it: one prctl, no allocation.
@@ -357,7 +360,7 @@ fn render_loop(
             running = command & 0xff == MODE_RUN;
             if running {
                 let (base, state, known) = ring.handoff();
-                known_seq = known.max(state.last_seq);
+                (known_seq, known_at_handoff) = (state.last_seq, known);
                 engine.set_state(state);
                 rewinder.start_run(base, state);
                 next_block = base;
@@ -368,12 +371,12 @@ fn render_loop(
         if running {
             // Every waiting message first, then at most one rewrite of the ring for those
             // stamped inside blocks it holds: one per wake-up, however many arrived.
-            known_seq = known_seq.max(drain_control(ctl, engine));
+            known_seq = known_seq.max(drain_control(ctl, engine, known_at_handoff));
             rewinder.forget_played(engine, ring.read_index());
             rewinder.catch_up(ring, engine, next_block, known_seq);
             loop {
                 // Messages first: one due inside this block must be queued before it renders.
-                known_seq = known_seq.max(drain_control(ctl, engine));
+                known_seq = known_seq.max(drain_control(ctl, engine, known_at_handoff));
                 if ring.space() == 0 {
                     break;
                 }
@@ -402,8 +405,9 @@ fn render_loop(
 }
 
 /// Queues the control messages waiting in `ctl`, as many as the engine can hold. Returns
-/// the newest sequence number among them (0: none).
-fn drain_control(ctl: &ControlRing, engine: &mut Engine) -> u64 {
+/// the newest sequence number known: the newest among them, or `known_at_handoff` once `ctl`
+/// is empty (0: none).
+fn drain_control(ctl: &ControlRing, engine: &mut Engine, known_at_handoff: u64) -> u64 {
     let mut newest = 0;
     while engine.can_accept() {
         match ctl.pop() {
@@ -411,7 +415,7 @@ fn drain_control(ctl: &ControlRing, engine: &mut Engine) -> u64 {
                 newest = newest.max(m.seq);
                 engine.enqueue(m);
             }
-            None => break,
+            None => return newest.max(known_at_handoff),
         }
     }
     newest
@@ -430,6 +434,25 @@ mod tests {
         let bad_fd = "ring=1,ctl=4,wake=5,event=6,prio=70,ppid=9,slot=2,id=12";
         assert!(WorkerArgs::parse(bad_fd).unwrap_err().contains("ring"));
         assert!(WorkerArgs::parse("ring=x").is_err());
+    }
+
+    /// Review finding (issue 15 step 3): a worker took over with more messages replayed into
+    /// its control ring than its engine holds; claiming the handoff's sequence at once made
+    /// its blocks say they knew messages still waiting in the ring.
+    #[test]
+    fn the_handoffs_sequence_is_known_only_once_the_control_ring_is_drained() {
+        use crate::engine::{ControlKind, ControlMsg};
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(crate::shm::control::segment_size(4096)).unwrap();
+        let ctl = ControlRing::create(file.as_file(), 4096).unwrap();
+        let mut engine = Engine::new(48_000, EngineState::initial(440.0, 0.5, 1));
+        for seq in 1..=PENDING_CAPACITY as u64 + 500 {
+            assert!(ctl.push(ControlMsg::new(seq, 0, ControlKind::SetGain, 0.25)));
+        }
+        let handoff = PENDING_CAPACITY as u64 + 600;
+        assert_eq!(drain_control(&ctl, &mut engine, handoff), PENDING_CAPACITY as u64, "only what the engine took");
+        engine.render(&mut [0.0; 128]);
+        assert_eq!(drain_control(&ctl, &mut engine, handoff), handoff, "the ring is empty: the handoff's holds");
     }
 
     #[test]
