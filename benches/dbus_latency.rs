@@ -14,7 +14,14 @@
 //! same change as an `/engine/frequency` datagram over the AF_UNIX socket and over UDP, to the
 //! daemon's own OSC thread (no answer: "call -> return" is until the change is stamped).
 //! Calls are spaced by a random 1-3 ms so they land at every phase of a block.
-//! AW_BENCH_QOS=0 runs it with --cpu-latency-qos-us 0.
+//!
+//! Then the stamping itself (issue 15), D-Bus only, a supervisor per row: `--control-stamp
+//! rewind` (the default: the first wake-up at least 0.5 ms after the call, workers render
+//! again what they hold) against `--control-stamp lookahead` (the old stamping, past every
+//! block a worker may hold) at lookahead 8, 32 and 128 blocks, with what each supervisor
+//! counted (underruns, blocks played without a change they should hold, divergences, changes
+//! applied late). The lookahead rows at 32 and 128 blocks take a fifth of the calls (each
+//! waits for the whole lookahead). AW_BENCH_QOS=0 runs it with --cpu-latency-qos-us 0.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -23,7 +30,7 @@ use std::time::Duration;
 
 use audiowarden::metrics::percentile;
 use audiowarden::sys::now_ns;
-use audiowarden::{Config, Handle, OutputSpec, Supervisor};
+use audiowarden::{Config, ControlStamp, Handle, OutputSpec, Supervisor};
 
 struct Sample {
     reply_us: f64,
@@ -112,14 +119,19 @@ fn main() {
         worker_exe: Some(env!("CARGO_BIN_EXE_audiowardend").into()),
         ..Config::default()
     };
-    let sup = Supervisor::start(cfg).expect("start supervisor");
-    let h = sup.handle();
-    let service = audiowarden::dbus::service::Service::start(h.clone(), None, None).expect("D-Bus service");
     let conn = bus.connection();
-    let proxy = common::bus::proxy(&conn);
-    common::wait_until("the service on the bus", Duration::from_secs(5), || {
-        proxy.state().is_ok_and(|s| s == "running")
-    });
+    let mut rng = common::Rng::new();
+    let run = Run::start(cfg.clone(), &conn);
+    let (sup, h, proxy) = (&run.sup, run.sup.handle(), run.proxy());
+    println!(
+        "D-Bus and OSC call -> first affected sample: {calls} calls per mode, {} Hz, {} frames per block, {} blocks lookahead, {} per wake-up, control stamp {:?}; realtime {}; cpu latency request {qos:?}",
+        h.config().sample_rate,
+        h.config().block_frames,
+        h.config().lookahead_blocks,
+        h.config().periods_per_wake(),
+        h.config().control_stamp,
+        sup.metrics().realtime
+    );
     let peer = zbus::blocking::fdo::PeerProxy::builder(&conn)
         .destination(audiowarden::dbus::BUS_NAME)
         .unwrap()
@@ -127,16 +139,6 @@ fn main() {
         .unwrap()
         .build()
         .unwrap();
-    let mut rng = common::Rng::new();
-    let c = sup.control();
-
-    println!(
-        "D-Bus and OSC call -> first affected sample: {calls} calls per mode, {} Hz, {} frames per block, {} blocks lookahead; realtime {}; cpu latency request {qos:?}",
-        h.config().sample_rate,
-        h.config().block_frames,
-        h.config().lookahead_blocks,
-        sup.metrics().realtime
-    );
     // Baselines spaced like the calls below (idle gaps cost wake-ups on this VM).
     let mut round_trip = |f: &mut dyn FnMut()| -> Vec<f64> {
         (0..calls)
@@ -155,13 +157,65 @@ fn main() {
             proxy.frequency().expect("Get");
         }),
     );
+    let c = sup.control();
     let base = measure(&h, calls, &mut rng, |hz| {
         c.set_frequency(hz).expect("set_frequency");
     });
     report("in-process", &base);
     let dbus = measure(&h, calls, &mut rng, |hz| proxy.set_frequency(hz).expect("SetFrequency"));
     report("D-Bus", &dbus);
-    // OSC: the daemon's OSC thread on an AF_UNIX socket and a UDP port of this run.
+    osc_rows(&h, calls, &mut rng);
+    counted("defaults", &sup.metrics());
+    run.stop();
+    // The stamping, side by side: every row its own supervisor at that lookahead.
+    for lookahead in [8, 32, 128] {
+        for stamp in [ControlStamp::Rewind, ControlStamp::Lookahead] {
+            let cfg = Config { lookahead_blocks: lookahead, control_stamp: stamp, ..cfg.clone() };
+            let run = Run::start(cfg, &conn);
+            let proxy = run.proxy();
+            let n = if stamp == ControlStamp::Lookahead && lookahead > 8 { calls.div_ceil(5) } else { calls };
+            let h = run.sup.handle();
+            let s = measure(&h, n, &mut rng, |hz| proxy.set_frequency(hz).expect("SetFrequency"));
+            let name =
+                format!("D-Bus, stamp {}, lookahead {lookahead}, {n} calls", format!("{stamp:?}").to_lowercase());
+            report(&name, &s);
+            counted(&name, &run.sup.metrics());
+            run.stop();
+        }
+    }
+}
+
+/// A supervisor and its D-Bus service on the private bus, running.
+struct Run {
+    sup: Supervisor,
+    service: audiowarden::dbus::service::Service,
+    conn: zbus::blocking::Connection,
+}
+
+impl Run {
+    fn start(cfg: Config, conn: &zbus::blocking::Connection) -> Run {
+        let sup = Supervisor::start(cfg).expect("start supervisor");
+        let service = audiowarden::dbus::service::Service::start(sup.handle(), None, None).expect("D-Bus service");
+        let run = Run { sup, service, conn: conn.clone() };
+        let proxy = run.proxy();
+        common::wait_until("the service on the bus", Duration::from_secs(5), || {
+            proxy.state().is_ok_and(|s| s == "running")
+        });
+        run
+    }
+
+    fn proxy(&self) -> audiowarden::dbus::Engine1ProxyBlocking<'static> {
+        common::bus::proxy(&self.conn)
+    }
+
+    fn stop(self) {
+        drop(self.service);
+        self.sup.shutdown().expect("shutdown");
+    }
+}
+
+/// OSC: the daemon's OSC thread on an AF_UNIX socket and a UDP port of this run.
+fn osc_rows(h: &Handle, calls: usize, rng: &mut common::Rng) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("osc.sock");
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -178,18 +232,34 @@ fn main() {
         rosc::encoder::encode(&rosc::OscPacket::Message(msg)).unwrap()
     };
     let unix = std::os::unix::net::UnixDatagram::unbound().unwrap();
-    let osc_unix = measure(&h, calls, &mut rng, |hz| {
+    let osc_unix = measure(h, calls, rng, |hz| {
         unix.send_to(&datagram(hz), &sock).expect("send over AF_UNIX");
     });
     report("OSC AF_UNIX", &osc_unix);
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let osc_udp = measure(&h, calls, &mut rng, |hz| {
+    let osc_udp = measure(h, calls, rng, |hz| {
         udp.send_to(&datagram(hz), ("127.0.0.1", port)).expect("send over UDP");
     });
     report("OSC UDP", &osc_udp);
     drop(osc);
-    let m = sup.metrics();
-    println!("underruns {}, control_late {}, control_received {}", m.underruns, m.control_late, m.control_received);
-    drop(service);
-    sup.shutdown().expect("shutdown");
+}
+
+/// What a run's supervisor counted: a change is meant to cost no underrun, and to be heard
+/// at its stamp in every ring (a block played without it is `stale`).
+fn counted(name: &str, m: &audiowarden::MetricsSnapshot) {
+    println!(
+        "{name}: underruns {}, stale_blocks {}, stream_discontinuities {}, output_divergences {}, worker_resyncs {}, crash_count {}, control_late {}, control_received {}, control_rewinds {} ({} blocks, {} refused, {} failed)",
+        m.underruns,
+        m.stale_blocks,
+        m.stream_discontinuities,
+        m.output_divergences,
+        m.worker_resyncs,
+        m.crash_count,
+        m.control_late,
+        m.control_received,
+        m.control_rewinds,
+        m.control_rewritten_blocks,
+        m.control_rewrites_refused,
+        m.control_rewinds_failed
+    );
 }

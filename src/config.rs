@@ -75,6 +75,19 @@ pub enum StandbyMode {
     None,
 }
 
+/// Where a control change is stamped (its first affected frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ControlStamp {
+    /// Beyond every block a worker may hold (its ring plus 4 blocks): nothing is rendered
+    /// again, and the change waits for the whole lookahead.
+    Lookahead,
+    /// The first block the output takes at least a guard (0.5 ms) after the call: the
+    /// workers render the blocks they already hold again (a rewind in their rings), so the
+    /// change is heard within a wake-up or two whatever the lookahead. Not the default yet:
+    /// a warm takeover racing a change still replaces a worker now and then (issue 15).
+    Rewind,
+}
+
 /// audiowardend: a Linux audio service whose audio never stops.
 ///
 /// The supervisor (this process) plays the audio; the engine runs in worker processes with a
@@ -125,6 +138,12 @@ pub struct Config {
     /// taking over without an underrun.
     #[arg(long, default_value_t = 8)]
     pub lookahead_blocks: u32,
+
+    /// Where a change is stamped: `lookahead` (past every block a worker holds: heard after
+    /// the whole lookahead) or `rewind` (heard 0.5 to 3.2 ms after the call at the
+    /// defaults, whatever the lookahead: the workers render again the blocks they hold).
+    #[arg(long, value_enum, default_value_t = ControlStamp::Lookahead)]
+    pub control_stamp: ControlStamp,
 
     /// Initial tone frequency in Hz.
     #[arg(long, default_value_t = 440.0)]
@@ -262,8 +281,8 @@ impl Config {
         if !(16..=4096).contains(&self.block_frames) {
             return err("block-frames", format!("{} is outside 16..=4096 frames", self.block_frames));
         }
-        if !(2..=64).contains(&self.lookahead_blocks) {
-            return err("lookahead-blocks", format!("{} is outside 2..=64 blocks", self.lookahead_blocks));
+        if !(2..=128).contains(&self.lookahead_blocks) {
+            return err("lookahead-blocks", format!("{} is outside 2..=128 blocks", self.lookahead_blocks));
         }
         if !(2..=32).contains(&self.device_periods) {
             return err("device-periods", format!("{} is outside 2..=32 periods", self.device_periods));
@@ -341,6 +360,7 @@ impl Config {
             ("sample-rate", self.sample_rate.to_string()),
             ("block-frames", self.block_frames.to_string()),
             ("lookahead-blocks", self.lookahead_blocks.to_string()),
+            ("control-stamp", format!("{:?}", self.control_stamp).to_lowercase()),
             ("frequency", self.frequency.to_string()),
             ("gain", self.gain.to_string()),
             ("standby", format!("{:?}", self.standby).to_lowercase()),

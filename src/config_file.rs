@@ -68,6 +68,7 @@ fn kind_of(a: &clap::Arg) -> Kind {
         TypeId::of::<std::path::PathBuf>(),
         TypeId::of::<crate::config::OutputSpec>(),
         TypeId::of::<crate::config::StandbyMode>(),
+        TypeId::of::<crate::config::ControlStamp>(),
     ]
     .iter()
     .any(|t| ty == *t)
@@ -311,13 +312,14 @@ mod tests {
     #[test]
     fn every_setting_refuses_a_wrong_type_and_an_out_of_range_value_at_its_line() {
         // (key, wrong type, out of range or not one of the choices)
-        let cases: [(&str, &str, Option<&str>); 22] = [
+        let cases: [(&str, &str, Option<&str>); 23] = [
             ("output", "[1]", Some("\"speakers\"")),
             ("device-periods", "\"four\"", Some("1")),
             ("shm-dir", "true", None),
             ("sample-rate", "\"fast\"", Some("1000")),
             ("block-frames", "64.5", Some("8")),
-            ("lookahead-blocks", "\"eight\"", Some("65")),
+            ("lookahead-blocks", "\"eight\"", Some("129")),
+            ("control-stamp", "2", Some("\"soon\"")),
             ("frequency", "\"A4\"", Some("30000.0")),
             ("gain", "{ db = -6 }", Some("1.5")),
             ("standby", "1", Some("\"lukewarm\"")),

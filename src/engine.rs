@@ -197,7 +197,10 @@ impl ControlMsg {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ControlStats {
     /// Applied after their stamped frame (should stay 0: it means the stamp margin was too small).
+    /// Each message counts once, however often a rewind applies it again.
     pub late: u64,
+    /// The newest message counted in `late`.
+    pub late_seq: u64,
     /// Dropped because their sequence number was already applied (replays after a handoff).
     pub duplicates: u64,
     /// Withdrawn by a cancel (quarantined changes).
@@ -310,6 +313,31 @@ impl Engine {
         while log.len > 0 && log.msgs[log.head].0 < frame {
             log.forget_oldest();
         }
+    }
+
+    /// Continues from `to`, another engine's state at a frame this one has reached (the
+    /// stream the output played instead of this engine's): messages this engine applied
+    /// that `to` lacks are queued again (they apply at once: late), and pending ones `to`
+    /// already holds are dropped. No allocation.
+    ///
+    /// # Errors
+    /// [`RewindError`]; the engine is then unchanged.
+    pub fn resync(&mut self, to: EngineState) -> Result<(), RewindError> {
+        if to.last_seq <= self.state.last_seq {
+            return self.rewind(to);
+        }
+        if to.frame > self.state.frame {
+            return Err(RewindError::Ahead);
+        }
+        // `to` holds every message this engine applied, and some it has still pending.
+        self.state = to;
+        while let Some(m) = self.front() {
+            if m.seq > to.last_seq {
+                break;
+            }
+            self.pop();
+        }
+        Ok(())
     }
 
     /// Goes back to `to`, the state at the start of an earlier block this engine rendered
@@ -462,8 +490,9 @@ impl Engine {
                 if m.apply_at > self.state.frame {
                     break;
                 }
-                if m.apply_at < self.state.frame {
+                if m.apply_at < self.state.frame && m.seq > self.stats.late_seq {
                     self.stats.late += 1;
+                    self.stats.late_seq = m.seq;
                 }
                 self.pop();
                 self.apply(m);

@@ -33,7 +33,7 @@ pub mod supervisor;
 pub mod sys;
 pub mod worker;
 
-pub use config::{Config, OutputSpec, StandbyMode};
+pub use config::{Config, ControlStamp, OutputSpec, StandbyMode};
 pub use control::{Control, ControlError, Stamp};
 pub use metrics::MetricsSnapshot;
 pub use supervisor::{Event, Handle, StartError, State, Supervisor};

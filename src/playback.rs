@@ -34,9 +34,12 @@ pub struct WorkerShm {
     pub wake: EventFd,
     /// The worker renders (the output wakes only those).
     pub running: AtomicBool,
-    /// A control message could not be delivered to it: its stream no longer matches the
-    /// others', so the monitor replaces it.
+    /// A control message could not be delivered to it, or it kept rendering another stream
+    /// than the one played however often it was resynced: the monitor replaces it.
     pub diverged: AtomicBool,
+    /// Blocks in a row whose frozen version here differed from the one played (output
+    /// thread only).
+    pub differing: AtomicU32,
     /// The output wakes it after playing block `n` only when `n % batch == wake_phase`
     /// (see [`PlaybackSettings::batch_blocks`]); the monitor staggers primary and spare.
     pub wake_phase: AtomicU32,
@@ -167,6 +170,9 @@ pub struct Position {
     blocks: AtomicU64,
     /// CLOCK_MONOTONIC at which the last played block (`blocks - 1`) started playing.
     last_period_ns: AtomicU64,
+    /// The first block after those the wake-up in progress (or the last one) takes: a
+    /// change stamped before it would be heard late.
+    wake_end: AtomicU64,
     /// Odd while the output thread updates the two.
     seq: AtomicU64,
 }
@@ -181,6 +187,14 @@ impl Position {
         self.blocks.load(Ordering::Acquire)
     }
 
+    /// Output thread: a wake-up begins at block `pos` and takes `blocks` blocks (announced
+    /// before it takes the first). Real-time safe.
+    pub(crate) fn begin_wake(&self, pos: u64, blocks: u64) {
+        self.seq.fetch_add(1, Ordering::AcqRel);
+        self.wake_end.store(pos.saturating_add(blocks), Ordering::Release);
+        self.seq.fetch_add(1, Ordering::Release);
+    }
+
     /// Output thread: block `to - 1` started playing at `started_ns`. Real-time safe.
     pub(crate) fn advance(&self, to: u64, started_ns: u64) {
         self.seq.fetch_add(1, Ordering::AcqRel);
@@ -189,22 +203,29 @@ impl Position {
         self.seq.fetch_add(1, Ordering::Release);
     }
 
-    /// (blocks played, the frame being played now, interpolated within its block).
+    /// (the first block the output has not begun to take, the frame being played now,
+    /// interpolated from the start of the last block handed over).
     pub fn now(&self, s: &PlaybackSettings) -> (u64, u64) {
-        let (pos, started) = loop {
+        let (pos, started, wake_end) = loop {
             let s0 = self.seq.load(Ordering::Acquire);
             let pos = self.blocks.load(Ordering::Acquire);
             let started = self.last_period_ns.load(Ordering::Acquire);
+            let wake_end = self.wake_end.load(Ordering::Acquire);
             if s0 % 2 == 0 && self.seq.load(Ordering::Acquire) == s0 {
-                break (pos, started);
+                break (pos, started, wake_end);
             }
             // The writer is mid-update (a few instructions); if it was preempted there, let
             // it run rather than spin against it.
             std::thread::yield_now();
         };
-        let since = crate::sys::now_ns().saturating_sub(started).min(s.block_ns());
-        let frame = pos.saturating_sub(1) * s.block_frames as u64 + since * s.sample_rate as u64 / 1_000_000_000;
-        (pos, frame)
+        // The later blocks of a wake-up are handed over together with its first but start
+        // playing a block apart: the last one's start may still be ahead (then an earlier
+        // block plays now). Past its end, the output is late: the frame waits at that end.
+        let bf = s.block_frames as i128;
+        let since = (crate::sys::now_ns() as i128 - started as i128).min(s.block_ns() as i128);
+        let into = since * s.sample_rate as i128 / 1_000_000_000;
+        let frame = (pos.saturating_sub(1) as i128 * bf + into).max(0);
+        (pos.max(wake_end), frame as u64)
     }
 }
 

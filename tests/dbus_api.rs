@@ -311,6 +311,13 @@ fn a_flood_of_2000_set_frequency_calls() {
     let m = settle(2000);
     let rss1 = rss_kib(d.pid());
     assert_eq!(get_u64(&m, "control_received"), 2000);
+    let rewinds = ["control_rewinds", "control_rewritten_blocks", "control_rewrites_refused", "control_rewinds_failed"];
+    let counts: Vec<(&str, u64)> = ["stale_blocks", "output_divergences", "control_late"]
+        .iter()
+        .chain(&rewinds)
+        .map(|&k| (k, get_u64(&m, k)))
+        .collect();
+    eprintln!("flood: {counts:?}");
     assert_eq!(get_u64(&m, "underruns"), 0);
     assert_eq!(get_u64(&m, "control_late"), 0);
     assert_eq!(get_u64(&m, "control_undelivered"), 0);

@@ -137,7 +137,7 @@ fn an_osc_change_lands_bit_exact_across_a_kill_of_the_primary() {
     std::thread::sleep(Duration::from_millis(200));
     let m = p.get_metrics().unwrap();
     assert!(d.stop().success());
-    assert_eq!(get_u64(&m, "crash_count"), 1);
+    assert_eq!(get_u64(&m, "crash_count"), 1, "{}", d.log_text());
     assert_eq!(get_u64(&m, "underruns"), 0);
     let (s1, f1) = logged_stamp(&d, "/engine/frequency 1500");
     let (s2, f2) = logged_stamp(&d, "/engine/gain 0.25");
@@ -403,7 +403,7 @@ fn a_flood_that_fills_the_control_rings_is_dropped_and_counted() {
         m("control_applied") + m("control_coalesced") == accepted
     });
     let metrics = p.get_metrics().unwrap();
-    assert_eq!(get_u64(&metrics, "crash_count"), 0, "no worker replaced");
+    assert_eq!(get_u64(&metrics, "crash_count"), 0, "no worker replaced:\n{}", d.log_text());
     assert_eq!(get_u64(&metrics, "control_undelivered"), 0, "no worker missed a change");
     assert_eq!(get_u64(&metrics, "underruns"), 0);
     // The journal: a few lines a second, then the count of the rest (said with the next

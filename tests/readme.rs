@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use audiowarden::control::STAMP_MARGIN_BLOCKS;
+use audiowarden::control::StampTiming;
 use audiowarden::Config;
 
 fn root() -> PathBuf {
@@ -18,14 +18,22 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
-/// Where a change is heard at the defaults, in frames after the frame playing at the call:
-/// stamped `ring + margin` blocks after the output position, which is up to a block ahead of
-/// the frame playing.
+/// Where a change is heard at the defaults, in frames after the frame playing at the call,
+/// wherever in the output's wake-up cycle the call lands (the stamping's own arithmetic).
 fn stamp_distance_frames() -> (f64, f64) {
     let c = Config::default();
-    let blocks = (c.ring_blocks() as u64 + STAMP_MARGIN_BLOCKS) as f64;
-    let bf = c.block_frames as f64;
-    (blocks * bf, (blocks + 1.0) * bf)
+    let timing = StampTiming {
+        sample_rate: c.sample_rate,
+        block_frames: c.block_frames,
+        lookahead_blocks: c.ring_blocks(),
+        periods_per_wake: c.periods_per_wake(),
+        stamp: c.control_stamp,
+    };
+    let bf = c.block_frames as u64;
+    let pos = 1000;
+    let cycle = (pos - c.periods_per_wake() as u64) * bf..pos * bf;
+    let ahead: Vec<u64> = cycle.map(|now| timing.first_frame(pos, now) - now).collect();
+    (*ahead.iter().min().unwrap() as f64, *ahead.iter().max().unwrap() as f64)
 }
 
 #[test]

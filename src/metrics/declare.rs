@@ -162,7 +162,7 @@ declare_metrics! {
     stale_blocks: u64, Counter, "", "t";
     /// Blocks played that did not continue the block before them, because no ring had one that did (a resync: should stay 0).
     stream_discontinuities: u64, Counter, "", "t";
-    /// Rendering workers whose block at the output position differed from the one played (each is replaced; should stay 0).
+    /// Blocks of a rendering worker that differed from the one played at the output position (its worker is told to continue from the one played, and replaced if it keeps differing).
     output_divergences: u64, Counter, "", "u";
     /// The output (`virtual`, `wav:PATH`, `alsa:PCM`, `cpal:DEVICE`).
     device: String, Info, "", "s";
@@ -198,6 +198,16 @@ declare_metrics! {
     control_undelivered: u64, Counter, "", "t";
     /// Most changes a worker applied after their stamped frame (should stay 0).
     control_late: u64, Gauge, "", "t";
+    /// Most times a worker rendered blocks it had committed again, for a change stamped inside them (`--control-stamp rewind`: about one per change).
+    control_rewinds: u64, Gauge, "", "t";
+    /// Most blocks a worker replaced by a new version in those rewinds.
+    control_rewritten_blocks: u64, Gauge, "blocks", "t";
+    /// Most block rewrites of a worker that the output refused because it had already taken the block (the change is then heard from the next block, in every ring alike).
+    control_rewrites_refused: u64, Gauge, "", "t";
+    /// Most rewinds or resyncs a worker could not make (a state or change no longer known): the change is heard late (should stay 0).
+    control_rewinds_failed: u64, Gauge, "", "t";
+    /// Most times a worker continued from the block the output played instead of its own (it had rendered a change late, or lacked one).
+    worker_resyncs: u64, Gauge, "", "t";
     /// Call to first affected sample, p95.
     control_latency_p95_samples: u64, Gauge, "samples", "u";
     /// Call to first affected sample, p99.

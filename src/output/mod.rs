@@ -63,6 +63,11 @@ pub enum OutputError {
     Rate { device: String, got: u32, want: u32 },
 }
 
+/// Blocks in a row a rendering ring may differ from the one played, each time told to
+/// continue from it, before its worker is replaced: a resync is done in one wake-up, and a
+/// block or two the output takes meanwhile differ too (more: its worker does not resync).
+const RESYNCS_BEFORE_REPLACING: u32 = 8;
+
 /// An output opened for the output thread: where the blocks go, the WAV recorder's writer
 /// (for `wav:`), and what it is.
 pub struct Opened {
@@ -296,7 +301,7 @@ pub(crate) fn run(
     let _ = report
         .send(fifo.map_err(|e| format!("output thread: SCHED_FIFO refused ({e}); playing without real-time priority")));
     drop(report);
-    Paced { player: Player::new(sh.clone(), buffers), clock: VirtualClock::new(&sh), target, sh }.run();
+    Paced { player: Player::new(sh.clone(), buffers), clock: VirtualClock::new(&sh), target, sh, device_at: 0 }.run();
 }
 
 /// Where the paced loop plays.
@@ -333,6 +338,10 @@ struct Paced {
     player: Player,
     clock: VirtualClock,
     target: Target,
+    /// When the block handed to the device last starts playing, as the virtual clock counts
+    /// it: the later blocks of a wake-up start a block apart, not all at the wake-up (the
+    /// frame playing now, which control stamps from, is estimated from it).
+    device_at: u64,
 }
 
 impl Paced {
@@ -371,12 +380,16 @@ impl Paced {
                     if let Some(late) = late_frames {
                         let us = late as u64 * 1_000_000 / sh.settings.sample_rate as u64;
                         sh.counters.output_wake_late_us.record(us);
+                        sh.position.begin_wake(sh.position.blocks(), sh.settings.periods_per_wake as u64);
                     }
-                    Some(sys::now_ns())
+                    self.device_at = sys::now_ns().max(self.device_at.saturating_add(sh.settings.block_ns()));
+                    Some(self.device_at)
                 }
                 Err(alsa::DeviceError::Xrun) => {
                     sh.counters.device_xruns.fetch_add(1, Ordering::Relaxed);
-                    Some(sys::now_ns())
+                    sh.position.begin_wake(sh.position.blocks(), sh.settings.periods_per_wake as u64);
+                    self.device_at = sys::now_ns();
+                    Some(self.device_at)
                 }
                 Err(alsa::DeviceError::Gone(errno)) => {
                     self.lose_device(errno);
@@ -387,6 +400,7 @@ impl Paced {
         let tick = self.clock.wait();
         if tick.slept {
             sh.counters.output_wake_late_us.record(tick.late_ns / 1000);
+            sh.position.begin_wake(sh.position.blocks(), self.clock.per_wake);
         }
         if tick.xrun {
             sh.counters.device_xruns.fetch_add(1, Ordering::Relaxed);
@@ -552,15 +566,25 @@ impl Player {
         let (mut suspect, mut first) = (false, true);
         sh.table.for_each(|w| {
             w.ring.set_read_index(pos + 1);
-            // Another rendering ring whose (frozen, final) block here differs from the
-            // one played no longer renders this stream: the monitor replaces it.
-            if !std::ptr::eq(w, from)
-                && w.running.load(Ordering::Relaxed)
-                && w.ring.peek(pos).is_some_and(|c| c.state.check != played.check)
-                && !w.diverged.swap(true, Ordering::Relaxed)
-            {
-                sh.counters.divergences.fetch_add(1, Ordering::Relaxed);
-                suspect = true;
+            // Another rendering ring whose frozen (final) block here differs from the one
+            // played (its worker rendered a change late, or lacks one): its worker continues
+            // from the block played. One that keeps differing is replaced. (A ring that
+            // started rendering after the freeze may still render this block anew.)
+            if !std::ptr::eq(w, from) && w.running.load(Ordering::Relaxed) && w.ring.is_frozen(pos) {
+                match w.ring.peek(pos) {
+                    Some(c) if c.state.check != played.check => {
+                        sh.counters.divergences.fetch_add(1, Ordering::Relaxed);
+                        w.ring.request_resync(pos + 1, played);
+                        w.wake.notify();
+                        if w.differing.fetch_add(1, Ordering::Relaxed) + 1 >= RESYNCS_BEFORE_REPLACING
+                            && !w.diverged.swap(true, Ordering::Relaxed)
+                        {
+                            suspect = true;
+                        }
+                    }
+                    Some(_) => w.differing.store(0, Ordering::Relaxed),
+                    None => {}
+                }
             }
             if w.running.load(Ordering::Relaxed) {
                 if (pos + 1) % batch == w.wake_phase.load(Ordering::Relaxed) as u64 % batch {
@@ -683,6 +707,7 @@ mod tests {
             wake: EventFd::new(true).unwrap(),
             running: AtomicBool::new(running),
             diverged: AtomicBool::new(false),
+            differing: AtomicU32::new(0),
             wake_phase: AtomicU32::new(0),
         };
         (file, Arc::new(shm), view)
@@ -754,12 +779,18 @@ mod tests {
         fn diverged(&self, i: usize) -> bool {
             self.rings[i].1.diverged.load(Ordering::Relaxed)
         }
+
+        /// The resync the output asked of ring `i`'s worker, if any: (base, the check of
+        /// the state played before it).
+        fn resync(&self, i: usize) -> Option<(u64, u64)> {
+            self.rings[i].2.take_resync(&mut 0).map(|(base, s)| (base, s.check))
+        }
     }
 
     /// A change stamped inside block 2 (seq 1) that only the standby rendered in time (it
     /// rewrote its blocks 2 and 3): the standby's fresh blocks play, the primary's stale one
-    /// never does, and the primary, whose frozen block 2 is not the one played, is marked
-    /// diverged (its monitor replaces it by the standby: the stream stays one).
+    /// never does, and the primary, whose frozen block 2 is not the one played, is told to
+    /// continue from the block played (the stream stays one), for each block that differs.
     #[test]
     fn a_block_that_lacks_a_change_plays_only_when_no_ring_has_it() {
         let mut p = Pair::new();
@@ -779,10 +810,36 @@ mod tests {
         rewrite_knowing(&p.rings[1].2, &mut standby, 2..4, 1);
         assert_eq!([p.next(), p.next()], [expected[0], expected[1]], "before the change: the primary's");
         assert_eq!(p.next(), expected[2], "block 2: the standby's, with the change at its frame");
-        assert_eq!(p.counters(), (0, 0, 1, 0), "nothing stale played; the primary marked diverged");
-        assert!(p.diverged(0) && !p.diverged(1));
+        assert_eq!(p.counters(), (0, 0, 1, 0), "nothing stale played; the primary's block 2 differed");
+        assert_eq!(p.resync(0), Some((3, expected[2])), "the primary continues from the standby's block 2");
+        assert_eq!(p.resync(1), None);
+        assert!(!p.diverged(0) && !p.diverged(1), "a resync, not a replacement");
         assert_eq!(p.next(), expected[3], "block 3 continues the standby's block 2, not the primary's");
-        assert_eq!(p.counters(), (0, 0, 1, 0), "marked once");
+        assert_eq!(p.counters(), (0, 0, 2, 0), "its block 3 (not resynced yet here) differs too");
+        assert_eq!(p.resync(0), Some((4, expected[3])));
+    }
+
+    /// A ring that keeps differing from what plays (its worker does not resync) is handed to
+    /// the monitor after RESYNCS_BEFORE_REPLACING blocks; one that matches again starts over.
+    #[test]
+    fn a_ring_that_keeps_differing_is_replaced() {
+        let mut p = Pair::new();
+        let n = RESYNCS_BEFORE_REPLACING as u64;
+        let mut other = Engine::new(48_000, EngineState::initial(880.0, 0.5, ramp_frames(48_000)));
+        // The standby (not active) renders another stream from block 1 on.
+        other.render(&mut [0.0; 128]);
+        rewrite_knowing(&p.rings[1].2, &mut other, 1..SLOTS as u64, 0);
+        let mut primary = Engine::new(48_000, start());
+        primary.set_state(p.rings[0].1.ring.committed_state(SLOTS as u64 - 1).unwrap());
+        for b in 0..=n {
+            p.next();
+            // Keep both rings one block ahead of the output.
+            commit(&p.rings[0].2, &mut primary, SLOTS as u64 + b, SLOTS as u64 + b + 1);
+            commit(&p.rings[1].2, &mut other, SLOTS as u64 + b, SLOTS as u64 + b + 1);
+            assert_eq!(p.diverged(1), b >= n, "after block {b}");
+        }
+        assert!(!p.diverged(0));
+        assert_eq!(p.counters().2, n, "each differing block counted");
     }
 
     /// Neither ring rendered the change in time: the active ring's block plays (counted
@@ -813,7 +870,7 @@ mod tests {
         let standby_1 = p.rings[1].1.ring.committed_state(1).unwrap().check;
         assert_eq!(p.next(), standby_1, "the standby's block 1 continues block 0");
         assert_eq!(p.counters(), (0, 0, 1, 0));
-        assert!(p.diverged(0));
+        assert_eq!(p.resync(0), Some((2, standby_1)));
         assert_ne!(first, standby_1);
         // The standby's ring is gone (as if its worker died): only the primary's block 2 is
         // left, which continues its own block 1, not the one played.

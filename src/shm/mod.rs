@@ -21,7 +21,7 @@ use memmap2::MmapRaw;
 pub const MAGIC_AUDIO: u64 = 0x4157_4152_4445_4e01;
 pub const MAGIC_CONTROL: u64 = 0x4157_4152_4445_4e02;
 /// Bumped whenever a layout changes: a worker from another build refuses to attach.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// A shared, read-write mapping of a whole segment file, unmapped on drop.
 pub(crate) struct Mapping {

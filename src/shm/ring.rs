@@ -77,6 +77,25 @@ struct Status {
     sandboxed: AtomicU32,
     late: AtomicU64,
     duplicates: AtomicU64,
+    /// The worker's [`RewindStats`].
+    rewinds: [AtomicU64; 5],
+}
+
+/// What a worker's rewrites of its ring did, since it started (reported in the ring's
+/// status; untrusted: counters only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RewindStats {
+    /// Catch-ups: times the worker went back to render committed blocks again.
+    pub rewinds: u64,
+    /// Blocks replaced by a new version.
+    pub rewritten: u64,
+    /// Blocks whose rewrite was refused (the output had frozen them): they play as they were.
+    pub refused: u64,
+    /// Catch-ups or resyncs not possible (the start state or a message applied since is no
+    /// longer known, or the pending queue had no room): the change applies late instead.
+    pub failed: u64,
+    /// Times it continued from the block the output played instead of its own.
+    pub resyncs: u64,
 }
 
 /// Written once by the supervisor before the worker exists; read by the worker at attach.
@@ -102,6 +121,17 @@ struct Live {
     status: Line<Status>,
     /// Supervisor -> worker: ROLE_*, shown in the worker's process name.
     role: Line<AtomicU32>,
+    /// Output -> worker: continue from another ring's block (see [`AudioRing::request_resync`]).
+    resync_seq: Line<AtomicU64>,
+    resync: Line<UnsafeCell<Resync>>,
+}
+
+/// The block the output played instead of this ring's, and the state it ended in.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Resync {
+    base: u64,
+    state: EngineState,
 }
 
 #[repr(C)]
@@ -443,6 +473,40 @@ impl AudioRing {
         self.header().command.0.load(Ordering::Acquire)
     }
 
+    /// Output thread: this ring's frozen block `base - 1` differs from the one played (its
+    /// worker rendered a change late, or missed one another ring had): its worker is to
+    /// continue from the played `state` at block `base`, rendering again what it holds from
+    /// there. A seqlock (odd while written); the output thread is the only writer. Real-time
+    /// safe: a few stores.
+    pub fn request_resync(&self, base: u64, state: &EngineState) {
+        let h = self.header();
+        let seq = h.resync_seq.0.load(Ordering::Relaxed);
+        h.resync_seq.0.store(seq | 1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        // SAFETY: only the output thread writes here; a worker reading meanwhile sees an odd
+        // or changed sequence number and ignores what it read.
+        unsafe { std::ptr::write_volatile(h.resync.0.get(), Resync { base, state: *state }) };
+        h.resync_seq.0.store((seq | 1) + 1, Ordering::Release);
+    }
+
+    /// Worker: the newest resync request, if newer than `seen` (updated): (base, state).
+    pub fn take_resync(&self, seen: &mut u64) -> Option<(u64, EngineState)> {
+        let h = self.header();
+        let s0 = h.resync_seq.0.load(Ordering::Acquire);
+        if s0 == *seen || s0 % 2 == 1 {
+            return None;
+        }
+        // SAFETY: a plain copy of a repr(C) struct of integers and floats; a torn copy is
+        // discarded below (the sequence number changed), never used.
+        let r = unsafe { std::ptr::read_volatile(h.resync.0.get()) };
+        std::sync::atomic::fence(Ordering::Acquire);
+        if h.resync_seq.0.load(Ordering::Relaxed) != s0 {
+            return None; // being rewritten: the next wake-up reads the new one
+        }
+        *seen = s0;
+        Some((r.base, r.state))
+    }
+
     /// Worker: the handoff written with the last run command: (base, state, known_seq).
     pub fn handoff(&self) -> (u64, EngineState, u64) {
         // SAFETY: read after an Acquire load of `command` that saw the supervisor's Release;
@@ -558,10 +622,19 @@ impl AudioRing {
         self.header().status.0.sandboxed.load(Ordering::Relaxed) == 1
     }
 
-    pub fn set_control_stats(&self, late: u64, duplicates: u64) {
+    pub fn set_control_stats(&self, late: u64, duplicates: u64, r: &RewindStats) {
         let s = &self.header().status.0;
         s.late.store(late, Ordering::Relaxed);
         s.duplicates.store(duplicates, Ordering::Relaxed);
+        for (to, v) in s.rewinds.iter().zip([r.rewinds, r.rewritten, r.refused, r.failed, r.resyncs]) {
+            to.store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// The worker's rewind counters as last reported (untrusted: counters only).
+    pub fn rewind_stats(&self) -> RewindStats {
+        let v = self.header().status.0.rewinds.each_ref().map(|a| a.load(Ordering::Relaxed));
+        RewindStats { rewinds: v[0], rewritten: v[1], refused: v[2], failed: v[3], resyncs: v[4] }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -655,6 +728,12 @@ impl AudioRing {
     /// copies the block from one of them. Real-time safe: a few atomic operations.
     pub fn freeze(&self, block: u64) {
         let _ = self.freeze_tag(block);
+    }
+
+    /// Whether the output has frozen block `block` here (its version here is final).
+    pub fn is_frozen(&self, block: u64) -> bool {
+        let seen = Tag(self.tag(block).load(Ordering::Acquire));
+        seen.frozen() && seen.names(block)
     }
 
     /// [`AudioRing::freeze`], returning the frozen tag (None: it kept changing, a broken
@@ -787,9 +866,18 @@ impl AudioRing {
     /// The newest valid committed state at or after block `min_block`, walking back over
     /// garbage: what a standby continues from when this ring's worker died.
     pub fn last_valid_state(&self, min_block: u64) -> Option<(u64, EngineState)> {
+        self.last_state_where(min_block, |_, _| true)
+    }
+
+    /// [`AudioRing::last_valid_state`] of the newest block `usable` accepts.
+    pub fn last_state_where(
+        &self,
+        min_block: u64,
+        usable: impl Fn(u64, &Committed) -> bool,
+    ) -> Option<(u64, EngineState)> {
         let w = self.write_index();
         let lo = w.saturating_sub(self.geo.slots as u64).max(min_block);
-        (lo..w).rev().find_map(|b| self.committed_state(b).map(|s| (b + 1, s)))
+        (lo..w).rev().find_map(|b| self.peek(b).filter(|c| usable(b, c)).map(|c| (b + 1, c.state)))
     }
 }
 

@@ -78,8 +78,8 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The output's clock now: (blocks played, the frame being played now, interpolated
-    /// within its block).
+    /// The output's clock now: (the first block the output has not begun to take, the frame
+    /// being played now, interpolated within its block).
     pub(crate) fn output_now(&self) -> (u64, u64) {
         self.play.position.now(&self.play.settings)
     }
@@ -141,6 +141,11 @@ impl Shared {
             control_quarantined: r(&sup.control_quarantined),
             control_undelivered: r(&ctl.undelivered),
             control_late: r(&sup.control_late),
+            control_rewinds: r(&sup.control_rewinds),
+            control_rewritten_blocks: r(&sup.control_rewritten_blocks),
+            control_rewrites_refused: r(&sup.control_rewrites_refused),
+            control_rewinds_failed: r(&sup.control_rewinds_failed),
+            worker_resyncs: r(&sup.worker_resyncs),
             control_latency_p95_samples: latency.p95 as u64,
             control_latency_p99_samples: latency.p99 as u64,
             primary_pid: sup.primary_pid.load(Ordering::Relaxed),

@@ -593,6 +593,7 @@ impl Monitor {
             wake,
             running: std::sync::atomic::AtomicBool::new(false),
             diverged: std::sync::atomic::AtomicBool::new(false),
+            differing: std::sync::atomic::AtomicU32::new(0),
             wake_phase: std::sync::atomic::AtomicU32::new(0),
         });
         // The output thread and the takeover path read these objects (made after start-up's
@@ -637,9 +638,23 @@ impl Monitor {
         let primary = self.find(Role::Primary).map(|i| (self.workers[i].shm.clone(), self.workers[i].start_from));
         let w = &self.workers[idx];
         let target = Target { worker_id: w.id, ctl: w.ctl.clone(), shm: w.shm.clone() };
+        // A spare follows the stream from the state played last: a change is never stamped
+        // before the block after it (control stamps from the output position on), so the
+        // spare renders every change at its stamp, as the primary does; any later block
+        // could already lie past a change the primary is rendering again. Before anything
+        // played, the primary's newest block that holds every change stamped inside it, or
+        // its start if it has rendered nothing.
+        let (bf, stamps) = (self.sh.geo.block_frames as u64, &self.sh.play.stamps);
+        let fresh = |b: u64, c: &Committed| c.meta.known_seq >= stamps.required_before((b + 1).saturating_mul(bf));
+        let played = || self.sh.play.played_state.load().filter(|s| s.frame % bf == 0).map(|s| (s.frame / bf, s));
+        let follow = |p: &WorkerShm, start: Option<(u64, EngineState)>| {
+            played()
+                .or_else(|| p.ring.last_state_where(0, fresh))
+                .or_else(|| start.filter(|_| p.ring.last_valid_state(0).is_none()))
+        };
         let started = self.sh.control.start_worker(
             target,
-            || from.or_else(|| primary.as_ref().and_then(|(p, start)| p.ring.last_valid_state(0).or(*start))),
+            || from.or_else(|| primary.as_ref().and_then(|(p, start)| follow(p, *start))),
             pos,
         );
         let Some((base, _)) = started else { return false };
@@ -952,8 +967,13 @@ impl Monitor {
         };
         let own = self.workers[dead].shm.ring.handoff_state(pos, limit, usable);
         // At `pos` itself, what was played is the truth (the dead ring's block before it may
-        // be another ring's version).
-        let fallback = own.filter(|&(base, _)| base > pos).or(played).or(own).or(self.workers[dead].start_from);
+        // be another ring's version). With rewind stamping it comes first: a change may be
+        // stamped at any block the output has not begun to take, so a successor starting
+        // later could not render it at its stamp (the dead ring's blocks still play while the
+        // successor catches up).
+        let rewind = self.sh.config.control_stamp == crate::config::ControlStamp::Rewind;
+        let later = own.filter(|&(base, _)| base > pos && !rewind);
+        let fallback = later.or(played).or(own).or(self.workers[dead].start_from);
         fallback.unwrap_or_else(|| {
             // Nothing valid anywhere: resync from the control targets at the output position
             // (an audible discontinuity, counted).
@@ -1237,14 +1257,18 @@ impl Monitor {
                 self.kill(i, now, kill);
             }
         }
-        let late = self
-            .workers
-            .iter()
-            .filter(|w| w.phase != Phase::Dead)
-            .map(|w| w.shm.ring.control_stats().0)
-            .max()
-            .unwrap_or(0);
-        self.sh.metrics.control_late.fetch_max(late, Ordering::Relaxed);
+        let live = || self.workers.iter().filter(|w| w.phase != Phase::Dead);
+        let late = live().map(|w| w.shm.ring.control_stats().0).max().unwrap_or(0);
+        let m = &self.sh.metrics;
+        m.control_late.fetch_max(late, Ordering::Relaxed);
+        for w in live() {
+            let r = w.shm.ring.rewind_stats();
+            m.control_rewinds.fetch_max(r.rewinds, Ordering::Relaxed);
+            m.control_rewritten_blocks.fetch_max(r.rewritten, Ordering::Relaxed);
+            m.control_rewrites_refused.fetch_max(r.refused, Ordering::Relaxed);
+            m.control_rewinds_failed.fetch_max(r.failed, Ordering::Relaxed);
+            m.worker_resyncs.fetch_max(r.resyncs, Ordering::Relaxed);
+        }
         self.explain_underruns();
         self.retry_spawns(now);
         self.reclaim(now);

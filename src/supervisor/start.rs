@@ -198,6 +198,8 @@ impl Shared {
             sample_rate: config.sample_rate,
             block_frames: config.block_frames,
             lookahead_blocks: config.ring_blocks(),
+            periods_per_wake: config.periods_per_wake(),
+            stamp: config.control_stamp,
         };
         Ok(Arc::new(Shared {
             geo,

@@ -234,6 +234,13 @@ impl TestFault {
                 self.strike(ring, engine, next_block, &marker);
             }
         }
+        self.poison_check(ring, engine);
+    }
+
+    /// `poison`: aborts if a change to the value is due before the end of the next block
+    /// the engine renders, whether a new one or one rendered again (a change stamped inside
+    /// blocks the ring holds is due before the engine's frame).
+    fn poison_check(&self, ring: &AudioRing, engine: &Engine) {
         if let Some(v) = self.poison {
             let end = engine.state().frame + ring.geometry().block_frames as u64;
             if engine.due_before(end).any(|m| m.value == v) {
@@ -362,21 +369,22 @@ fn render_loop(
                 let (base, state, known) = ring.handoff();
                 (known_seq, known_at_handoff) = (state.last_seq, known);
                 engine.set_state(state);
-                rewinder.start_run(base, state);
+                rewinder.start_new_run(ring, base, state);
                 next_block = base;
                 announce_first = true;
                 announce_full = true;
             }
         }
         if running {
-            // Every waiting message first, then at most one rewrite of the ring for those
-            // stamped inside blocks it holds: one per wake-up, however many arrived.
-            known_seq = known_seq.max(drain_control(ctl, engine, known_at_handoff));
             rewinder.forget_played(engine, ring.read_index());
-            rewinder.catch_up(ring, engine, next_block, known_seq);
             loop {
-                // Messages first: one due inside this block must be queued before it renders.
+                // Messages first: one due inside this block must be queued before it renders,
+                // and one stamped inside blocks the ring holds makes it render them again (a
+                // rewrite of the ring per message that arrived since the last: at most one per
+                // block committed in this wake-up, plus one).
                 known_seq = known_seq.max(drain_control(ctl, engine, known_at_handoff));
+                fault.poison_check(ring, engine);
+                rewinder.follow(ring, engine, next_block, known_seq);
                 if ring.space() == 0 {
                     break;
                 }
@@ -398,7 +406,7 @@ fn render_loop(
                 announce_full = false;
                 event.notify();
             }
-            ring.set_control_stats(engine.stats.late, engine.stats.duplicates);
+            ring.set_control_stats(engine.stats.late, engine.stats.duplicates, &rewinder.stats);
         }
         wake.wait(None);
     }

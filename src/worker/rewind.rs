@@ -10,21 +10,7 @@
 //! allocation, no lock, no log.
 
 use crate::engine::{Engine, EngineState};
-use crate::shm::ring::{AudioRing, BlockMeta, RewriteRefused};
-
-/// What the rewrites did, since the worker started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RewindStats {
-    /// Catch-ups: times the worker went back to render committed blocks again.
-    pub rewinds: u64,
-    /// Blocks replaced by a new version.
-    pub rewritten: u64,
-    /// Blocks whose rewrite was refused (the output had frozen them): they play as they were.
-    pub refused: u64,
-    /// Catch-ups not possible (the start state or a message applied since is no longer known,
-    /// or the pending queue had no room): the change applies late instead.
-    pub failed: u64,
-}
+use crate::shm::ring::{AudioRing, BlockMeta, RewindStats, RewriteRefused};
 
 /// The worker's memory of its current run: the state at the end of every block it has
 /// committed and still holds, so that it can start any of them again.
@@ -38,6 +24,8 @@ pub struct Rewinder {
     /// The first block of the run, and the state it started from (the handoff).
     run_base: u64,
     run_start: EngineState,
+    /// The output's newest resync request taken.
+    seen_resync: u64,
     pub stats: RewindStats,
 }
 
@@ -52,6 +40,7 @@ impl Rewinder {
             block_frames: geo.block_frames as u64,
             run_base: 0,
             run_start: zero,
+            seen_resync: 0,
             stats: RewindStats::default(),
         }
     }
@@ -60,6 +49,23 @@ impl Rewinder {
     pub fn start_run(&mut self, base: u64, state: EngineState) {
         self.run_base = base;
         self.run_start = state;
+    }
+
+    /// A run commanded by the supervisor: a resync the output asked of an earlier run is
+    /// not for this one.
+    pub fn start_new_run(&mut self, ring: &AudioRing, base: u64, state: EngineState) {
+        let _ = ring.take_resync(&mut self.seen_resync);
+        self.start_run(base, state);
+    }
+
+    /// After the drain: continues from the block the output played if it asked to (see
+    /// [`Rewinder::resync`]), then renders again what a change stamped inside the ring
+    /// affects ([`Rewinder::catch_up`]).
+    pub fn follow(&mut self, ring: &AudioRing, engine: &mut Engine, next_block: u64, known_seq: u64) {
+        if let Some(played) = ring.take_resync(&mut self.seen_resync) {
+            self.resync(ring, engine, played, next_block, known_seq);
+        }
+        self.catch_up(ring, engine, next_block, known_seq);
     }
 
     /// Block `block` was committed, ending in `state`.
@@ -103,6 +109,35 @@ impl Rewinder {
             return;
         }
         self.stats.rewinds += 1;
+        self.rewrite(ring, engine, first, next_block, known_seq);
+    }
+
+    /// The output played another ring's block `base - 1`, which ended in `state`, instead of
+    /// this ring's: continues from there, rendering again every block it holds from `base`
+    /// (what it applied that the played stream lacks is applied again, late; the blocks the
+    /// output takes before the rewrite reaches them differ again, and are resynced again).
+    pub fn resync(
+        &mut self,
+        ring: &AudioRing,
+        engine: &mut Engine,
+        at: (u64, EngineState),
+        next_block: u64,
+        known_seq: u64,
+    ) {
+        let (base, state) = at;
+        let frame_ok = base.checked_mul(self.block_frames) == Some(state.frame);
+        if !frame_ok || base < self.run_base || base > next_block || engine.resync(state).is_err() {
+            self.stats.failed += 1;
+            return;
+        }
+        self.stats.resyncs += 1;
+        self.start_run(base, state);
+        self.rewrite(ring, engine, base, next_block, known_seq);
+    }
+
+    /// Renders blocks `first..next_block` again from the engine's state (the start of
+    /// `first`), each in place of the version the ring holds unless the output froze it.
+    fn rewrite(&mut self, ring: &AudioRing, engine: &mut Engine, first: u64, next_block: u64, known_seq: u64) {
         for block in first..next_block {
             let meta = BlockMeta { known_seq, start_check: engine.state().check };
             let done = ring.rewrite(block, meta, |samples| {
@@ -133,10 +168,10 @@ impl Rewinder {
         }
     }
 
-    /// The output has played every block before `read_index`: messages applied before it
-    /// are no longer needed for a rewind.
+    /// The output has played every block before `read_index`: messages applied before the
+    /// last of them are no longer needed (a resync may continue from the end of that one).
     pub fn forget_played(&self, engine: &mut Engine, read_index: u64) {
-        engine.forget_played(read_index.saturating_mul(self.block_frames));
+        engine.forget_played(read_index.saturating_sub(1).saturating_mul(self.block_frames));
     }
 }
 
@@ -195,7 +230,7 @@ mod tests {
             }
             self.rewinder.forget_played(&mut self.engine, self.worker.read_index());
             self.known_seq = self.known_seq.max(msgs.iter().map(|m| m.seq).max().unwrap_or(0));
-            self.rewinder.catch_up(&self.worker, &mut self.engine, self.next_block, self.known_seq);
+            self.rewinder.follow(&self.worker, &mut self.engine, self.next_block, self.known_seq);
             while self.worker.space() > 0 {
                 let engine = &mut self.engine;
                 let meta = BlockMeta { known_seq: self.known_seq, start_check: engine.state().check };
@@ -251,7 +286,7 @@ mod tests {
         // Stamped 17 frames into block 5: committed (the ring holds 3..11), not yet played.
         let m = ControlMsg::new(1, 5 * BF + 17, ControlKind::SetFrequency, 880.0);
         rig.wake(&[m]);
-        assert_eq!(rig.rewinder.stats, RewindStats { rewinds: 1, rewritten: 3, refused: 0, failed: 0 });
+        assert_eq!(rig.rewinder.stats, RewindStats { rewinds: 1, rewritten: 3, refused: 0, failed: 0, resyncs: 0 });
         rig.play(20);
         assert_eq!(rig.played, reference(23, &[(m, 5 * BF + 17)]), "bit-exact, applied at its frame");
         assert_eq!(rig.engine.stats.late, 0);
@@ -268,7 +303,7 @@ mod tests {
         rig.output.freeze(3);
         let m = ControlMsg::new(1, 3 * BF + 40, ControlKind::SetGain, 0.25);
         rig.wake(&[m]);
-        assert_eq!(rig.rewinder.stats, RewindStats { rewinds: 1, rewritten: 4, refused: 1, failed: 0 });
+        assert_eq!(rig.rewinder.stats, RewindStats { rewinds: 1, rewritten: 4, refused: 1, failed: 0, resyncs: 0 });
         assert_eq!(rig.engine.stats.late, 1);
         rig.play(20);
         assert_eq!(rig.played, reference(23, &[(m, 4 * BF)]));
@@ -321,9 +356,44 @@ mod tests {
         rig.wake(&[]);
         let m = ControlMsg::new(1, 30 * BF, ControlKind::SetGain, 0.2);
         rig.wake(&[m]);
-        assert_eq!(rig.rewinder.stats, RewindStats { rewinds: 1, rewritten: 8, refused: 0, failed: 0 });
+        assert_eq!(rig.rewinder.stats, RewindStats { rewinds: 1, rewritten: 8, refused: 0, failed: 0, resyncs: 0 });
         rig.play(8);
         let full = reference(48, &[(m, 40 * BF)]);
         assert_eq!(rig.played, full[(40 * BF * 2) as usize..]);
+    }
+
+    /// The output played another ring's block 5, which lacked a change this worker had
+    /// rendered at its stamp inside it (the other worker was too late for it). Told to
+    /// continue from the block played, this worker renders its ring again from block 6: the
+    /// stream stays the one played, with the change heard late, at the start of block 6, as
+    /// the other worker (whose rewrite of block 5 was refused) renders it too.
+    #[test]
+    fn a_resync_continues_from_the_block_played_instead() {
+        let mut rig = Rig::new();
+        rig.wake(&[]);
+        rig.play(3);
+        let m = ControlMsg::new(1, 5 * BF + 17, ControlKind::SetFrequency, 880.0);
+        rig.wake(&[m]);
+        rig.play(2);
+        // Block 5 from the other ring: the stream without the change.
+        let mut other = Engine::new(48_000, start());
+        let mut block = vec![0.0; (BF * 2) as usize];
+        for _ in 0..6 {
+            other.render(&mut block);
+        }
+        rig.output.freeze(5);
+        assert_ne!(rig.output.peek(5).unwrap().state.check, other.state().check, "this ring's block 5 differs");
+        rig.played.extend_from_slice(&block);
+        rig.played_check = Some(other.state().check);
+        rig.output.set_read_index(6);
+        rig.output.request_resync(6, other.state());
+        rig.wake(&[]);
+        assert_eq!(rig.rewinder.stats.resyncs, 1);
+        assert_eq!(rig.rewinder.stats.failed, 0);
+        rig.play(12);
+        assert_eq!(rig.played, reference(18, &[(m, 6 * BF)]), "the played stream, the change from block 6");
+        // An old request is not taken twice.
+        rig.wake(&[]);
+        assert_eq!(rig.rewinder.stats.resyncs, 1);
     }
 }
