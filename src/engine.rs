@@ -329,13 +329,16 @@ impl Engine {
         if to.frame > self.state.frame {
             return Err(RewindError::Ahead);
         }
-        // `to` holds every message this engine applied, and some it has still pending.
+        // `to` holds every message this engine applied, and some it has still pending: those
+        // go into the log as applied at `to`, so that going back to an earlier state of this
+        // engine (a rewrite refused further on) queues them again instead of losing them.
         self.state = to;
         while let Some(m) = self.front() {
             if m.seq > to.last_seq {
                 break;
             }
             self.pop();
+            self.applied.push(to.frame, m);
         }
         Ok(())
     }

@@ -195,6 +195,14 @@ impl Position {
         self.seq.fetch_add(1, Ordering::Release);
     }
 
+    /// Output thread: block `pos` is about to be taken; announces it if the wake-up in
+    /// progress did not. Real-time safe.
+    pub(crate) fn cover(&self, pos: u64) {
+        if self.wake_end.load(Ordering::Relaxed) <= pos {
+            self.begin_wake(pos, 1);
+        }
+    }
+
     /// Output thread: block `to - 1` started playing at `started_ns`. Real-time safe.
     pub(crate) fn advance(&self, to: u64, started_ns: u64) {
         self.seq.fetch_add(1, Ordering::AcqRel);

@@ -382,7 +382,11 @@ impl Paced {
                         sh.counters.output_wake_late_us.record(us);
                         sh.position.begin_wake(sh.position.blocks(), sh.settings.periods_per_wake as u64);
                     }
-                    self.device_at = sys::now_ns().max(self.device_at.saturating_add(sh.settings.block_ns()));
+                    // A wake-up's first block is taken now; its later ones (and the prefill)
+                    // start a block after the one before.
+                    let now = sys::now_ns();
+                    let next = self.device_at.saturating_add(sh.settings.block_ns());
+                    self.device_at = if late_frames.is_some() { now } else { now.max(next) };
                     Some(self.device_at)
                 }
                 Err(alsa::DeviceError::Xrun) => {
@@ -570,13 +574,15 @@ impl Player {
             // played (its worker rendered a change late, or lacks one): its worker continues
             // from the block played. One that keeps differing is replaced. (A ring that
             // started rendering after the freeze may still render this block anew.)
-            if !std::ptr::eq(w, from) && w.running.load(Ordering::Relaxed) && w.ring.is_frozen(pos) {
+            if std::ptr::eq(w, from) {
+                w.differing.store(0, Ordering::Relaxed);
+            } else if w.running.load(Ordering::Relaxed) && w.ring.is_frozen(pos) {
                 match w.ring.peek(pos) {
                     Some(c) if c.state.check != played.check => {
                         sh.counters.divergences.fetch_add(1, Ordering::Relaxed);
                         w.ring.request_resync(pos + 1, played);
                         w.wake.notify();
-                        if w.differing.fetch_add(1, Ordering::Relaxed) + 1 >= RESYNCS_BEFORE_REPLACING
+                        if w.differing.fetch_add(1, Ordering::Relaxed).saturating_add(1) >= RESYNCS_BEFORE_REPLACING
                             && !w.diverged.swap(true, Ordering::Relaxed)
                         {
                             suspect = true;
@@ -631,6 +637,9 @@ impl Player {
         let sh = &*self.sh;
         let bf = sh.settings.block_frames as u64;
         let pos = sh.position.blocks();
+        // A block taken outside an announced wake-up (a late wake-up's extra block, an xrun's
+        // refill, a cpal callback) is announced on its own: no change is stamped into it.
+        sh.position.cover(pos);
         // Continuity with the block played last, if that was the one before this one.
         let after = self.last.filter(|&(p, _)| p.checked_add(1) == Some(pos)).map(|(_, check)| check);
         let played = Player::take(sh, &mut self.block, pos, after);

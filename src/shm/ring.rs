@@ -480,13 +480,14 @@ impl AudioRing {
     /// safe: a few stores.
     pub fn request_resync(&self, base: u64, state: &EngineState) {
         let h = self.header();
+        // Worker memory: any value; wrapping, never an overflow.
         let seq = h.resync_seq.0.load(Ordering::Relaxed);
         h.resync_seq.0.store(seq | 1, Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
         // SAFETY: only the output thread writes here; a worker reading meanwhile sees an odd
         // or changed sequence number and ignores what it read.
         unsafe { std::ptr::write_volatile(h.resync.0.get(), Resync { base, state: *state }) };
-        h.resync_seq.0.store((seq | 1) + 1, Ordering::Release);
+        h.resync_seq.0.store((seq | 1).wrapping_add(1), Ordering::Release);
     }
 
     /// Worker: the newest resync request, if newer than `seen` (updated): (base, state).

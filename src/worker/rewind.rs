@@ -12,6 +12,10 @@
 use crate::engine::{Engine, EngineState};
 use crate::shm::ring::{AudioRing, BlockMeta, RewindStats, RewriteRefused};
 
+/// Played blocks whose applied messages are kept for a resync: the blocks of an output
+/// wake-up (at most 2) and one more.
+const RESYNC_KEPT_BLOCKS: u64 = 4;
+
 /// The worker's memory of its current run: the state at the end of every block it has
 /// committed and still holds, so that it can start any of them again.
 pub struct Rewinder {
@@ -126,6 +130,11 @@ impl Rewinder {
     ) {
         let (base, state) = at;
         let frame_ok = base.checked_mul(self.block_frames) == Some(state.frame);
+        if ring.is_frozen(base) {
+            // Too late for this one: the output takes (or took) block `base` as this ring has
+            // it, and asks again from the next block if it differs.
+            return;
+        }
         if !frame_ok || base < self.run_base || base > next_block || engine.resync(state).is_err() {
             self.stats.failed += 1;
             return;
@@ -169,9 +178,10 @@ impl Rewinder {
     }
 
     /// The output has played every block before `read_index`: messages applied before the
-    /// last of them are no longer needed (a resync may continue from the end of that one).
+    /// last few of them are no longer needed (a resync continues from the end of one of the
+    /// blocks of the output's last wake-up, and queues again what this ring applied there).
     pub fn forget_played(&self, engine: &mut Engine, read_index: u64) {
-        engine.forget_played(read_index.saturating_sub(1).saturating_mul(self.block_frames));
+        engine.forget_played(read_index.saturating_sub(RESYNC_KEPT_BLOCKS).saturating_mul(self.block_frames));
     }
 }
 
