@@ -314,6 +314,12 @@ impl StampLog {
         required
     }
 
+    /// Anyone: whether block `block` (of `block_frames`), rendered knowing every sequence
+    /// up to `known_seq`, holds every change stamped inside it (or before).
+    pub fn is_fresh(&self, block: u64, block_frames: u64, known_seq: u64) -> bool {
+        known_seq >= self.required_before(block.saturating_add(1).saturating_mul(block_frames))
+    }
+
     /// Anyone: the same for a block ending at `end` at or after the block played next,
     /// without moving the output's cursor.
     pub fn required_before(&self, end: u64) -> u64 {

@@ -47,24 +47,7 @@ fn change_around_kill(standby: StandbyMode, tag: &str) {
     let shm = ShmDir::new(tag);
     let wav = temp_wav(tag);
     let cfg = config(&shm, OutputSpec::Wav(wav.path.clone()), standby, 1000.0, 0.5);
-    let sup = Supervisor::start(cfg.clone()).expect("start");
-    let mut watch = Watch::new(&sup);
-    let ctl = sup.control();
-    let mut msgs = Vec::new();
-    std::thread::sleep(Duration::from_millis(300));
-    // Change, then kill immediately.
-    msgs.push(ctl.set_frequency(1500.0).unwrap().msg);
-    kill_primary_and_wait_rebuilt(&sup, &mut watch, sup.metrics().primary_pid);
-    std::thread::sleep(Duration::from_millis(200));
-    // Kill, then change immediately (the change races the takeover).
-    let victim = sup.metrics().primary_pid;
-    signal(victim, libc::SIGKILL);
-    msgs.push(ctl.set_gain(0.3).unwrap().msg);
-    msgs.push(ctl.set_frequency(700.0).unwrap().msg);
-    wait_rebuilt_after(&sup, &mut watch, victim);
-    std::thread::sleep(Duration::from_millis(300));
-    let m = sup.metrics();
-    sup.shutdown().expect("shutdown");
+    let (m, msgs) = changes_around_kills(&cfg);
     assert_eq!(m.crash_count, 2);
     assert_eq!(m.underruns, 0);
     assert_eq!(m.control_received, 3);

@@ -638,15 +638,19 @@ impl Monitor {
         let primary = self.find(Role::Primary).map(|i| (self.workers[i].shm.clone(), self.workers[i].start_from));
         let w = &self.workers[idx];
         let target = Target { worker_id: w.id, ctl: w.ctl.clone(), shm: w.shm.clone() };
-        // A spare follows the stream from the state played last: a change is never stamped
-        // before the block after it (control stamps from the output position on), so the
-        // spare renders every change at its stamp, as the primary does; any later block
-        // could already lie past a change the primary is rendering again. Before anything
-        // played, the primary's newest block that holds every change stamped inside it, or
-        // its start if it has rendered nothing.
+        // With rewind stamping a spare follows the stream from the state played last: a change
+        // is never stamped before the block after it, so the spare renders every change at
+        // its stamp, as the primary does; any later block could already lie past a change the
+        // primary is rendering again. Otherwise (and before anything played) the primary's
+        // newest block that holds every change stamped inside it, so the spare is caught up at
+        // once, or its start if it has rendered nothing.
         let (bf, stamps) = (self.sh.geo.block_frames as u64, &self.sh.play.stamps);
-        let fresh = |b: u64, c: &Committed| c.meta.known_seq >= stamps.required_before((b + 1).saturating_mul(bf));
-        let played = || self.sh.play.played_state.load().filter(|s| s.frame % bf == 0).map(|s| (s.frame / bf, s));
+        let fresh = |b: u64, c: &Committed| stamps.is_fresh(b, bf, c.meta.known_seq);
+        let rewind = self.sh.config.control_stamp == crate::config::ControlStamp::Rewind;
+        let played = || {
+            let s = self.sh.play.played_state.load().filter(|s| rewind && s.frame % bf == 0)?;
+            Some((s.frame / bf, s))
+        };
         let follow = |p: &WorkerShm, start: Option<(u64, EngineState)>| {
             played()
                 .or_else(|| p.ring.last_state_where(0, fresh))
@@ -962,7 +966,7 @@ impl Monitor {
         let stamps = &self.sh.play.stamps;
         let after = played.map(|(_, s)| s.check);
         let usable = |b: u64, c: &Committed| {
-            c.meta.known_seq >= stamps.required_before((b + 1).saturating_mul(bf))
+            stamps.is_fresh(b, bf, c.meta.known_seq)
                 && (b != pos || after.is_none_or(|check| c.meta.start_check == check))
         };
         let own = self.workers[dead].shm.ring.handoff_state(pos, limit, usable);

@@ -336,3 +336,28 @@ pub fn stop_support_script(script: &str, dir: &Path) -> Result<(), String> {
         Err(format!("{script} stop failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)))
     }
 }
+
+/// Changes around kills of the primary: one right before a kill, and two racing the takeover
+/// right after another. Runs the supervisor of `cfg` (whose output is the `wav:` capture the
+/// caller compares) through it and returns what it counted and the changes made.
+pub fn changes_around_kills(cfg: &Config) -> (MetricsSnapshot, Vec<ControlMsg>) {
+    let sup = Supervisor::start(cfg.clone()).expect("start");
+    let mut watch = Watch::new(&sup);
+    let ctl = sup.control();
+    let mut msgs = Vec::new();
+    std::thread::sleep(Duration::from_millis(300));
+    // Change, then kill immediately.
+    msgs.push(ctl.set_frequency(1500.0).unwrap().msg);
+    kill_primary_and_wait_rebuilt(&sup, &mut watch, sup.metrics().primary_pid);
+    std::thread::sleep(Duration::from_millis(200));
+    // Kill, then change immediately (the change races the takeover).
+    let victim = sup.metrics().primary_pid;
+    signal(victim, libc::SIGKILL);
+    msgs.push(ctl.set_gain(0.3).unwrap().msg);
+    msgs.push(ctl.set_frequency(700.0).unwrap().msg);
+    wait_rebuilt_after(&sup, &mut watch, victim);
+    std::thread::sleep(Duration::from_millis(300));
+    let m = sup.metrics();
+    sup.shutdown().expect("shutdown");
+    (m, msgs)
+}
